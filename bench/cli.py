@@ -1,0 +1,213 @@
+"""The command line: ``python -m bench run|report|status|list|evaluate``.
+
+Exit codes: 0 all cells ok, 1 some cell failed, 2 bad usage or input (one error line, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench.errors import BenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise BenchError(f"{self.prog}: {message}")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 100,200,500,1000, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one budget")
+    return vals
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _limit(text: str) -> tuple[int, int]:
+    vals = _int_list(text)
+    if len(vals) != 2 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected N_TRAIN,N_EVAL images, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench", description="vlbench: VL dataset distillation vs coreset selection, one protocol.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a grid of cells (methods x budgets x seeds)")
+    r.add_argument("--dataset", default="synthetic", help="dataset name (python -m bench list datasets); default: synthetic")
+    r.add_argument("--data-root", default=None, help="folder holding the dataset's caption file and images")
+    r.add_argument("--test-split", default="test", choices=("test", "val"), help="score on test, or on val while developing")
+    r.add_argument("--methods", default="all", help="comma list of names, groups (coreset, distill), globs, or all")
+    r.add_argument("--ipc", type=_int_list, default=(100, 200, 500, 1000), help="budgets in pairs, e.g. 100,200,500,1000")
+    r.add_argument("--seeds", type=_positive, default=3, help="selection seeds per cell (default 3)")
+    r.add_argument("--eval-seeds", type=_positive, default=1, help="eval seeds per selection seed (default 1)")
+    r.add_argument("--cut", default="heads", choices=("heads", "pixels"), help="where the student's trainable part starts")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
+    r.add_argument("--cache-dir", type=Path, default=None, help="feature/expert cache (default $VLBENCH_CACHE or ~/.cache/vlbench)")
+    r.add_argument("--limit", type=_limit, default=None, metavar="N_TRAIN,N_EVAL", help="use only the first images of each split")
+    r.add_argument("--image-encoder", default="effnet_lite0")
+    r.add_argument("--text-encoder", default="minilm_l6")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: recipe.FIELD, student.FIELD or METHOD.FIELD (repeatable)")
+    r.add_argument("--force", action="store_true", help="redo finished cells")
+
+    rep = sub.add_parser("report", help="tables and plots from stored results")
+    rep.add_argument("--out", type=Path, default=Path("runs"))
+    rep.add_argument("--published", action="store_true", help="add the paper's published rows (other protocol) where they exist")
+
+    st = sub.add_parser("status", help="what is done, missing, failed")
+    st.add_argument("--out", type=Path, default=Path("runs"))
+
+    ls = sub.add_parser("list", help="list methods, datasets or encoders")
+    ls.add_argument("what", choices=("methods", "datasets", "encoders"))
+    ls.add_argument("pattern", nargs="?", default="*")
+
+    ev = sub.add_parser("evaluate", help="score a saved artifact (a method's set) under its protocol")
+    ev.add_argument("--artifact", type=Path, required=True)
+    ev.add_argument("--seeds", type=_positive, default=3, help="eval seeds 0..N-1")
+    ev.add_argument("--data-root", default=None, help="where the dataset lives on this machine, if moved")
+    ev.add_argument("--cache-dir", type=Path, default=None)
+    ev.add_argument("--device", default="cpu")
+    return p
+
+
+def _apply_sets(args) -> tuple[object, object, dict]:
+    from bench.student import StudentConfig
+    from bench.training import Recipe
+    from methods.base import parse_value
+
+    student, recipe, methods = {}, {}, {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        scope, dot, name = key.partition(".")
+        if not eq or not dot or not name:
+            raise BenchError(f"--set expects SCOPE.FIELD=VALUE (e.g. recipe.epochs=20), got {item!r}")
+        if scope in ("recipe", "student"):
+            target = recipe if scope == "recipe" else student
+            cls = Recipe if scope == "recipe" else StudentConfig
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if name not in fields:
+                raise BenchError(f"{scope} has no field {name!r}; available: {', '.join(fields)}")
+            target[name] = parse_value(value, fields[name].type, key)
+        else:
+            methods.setdefault(scope, {})[name] = value
+    return StudentConfig(cut=args.cut, **student), Recipe(**recipe), methods
+
+
+def cmd_run(args) -> int:
+    from bench.protocol import ProtocolConfig
+    from bench.runner import RunConfig, execute
+
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise BenchError("--device cuda was asked for, but torch sees no CUDA device here")
+    if args.cut != "heads":
+        raise BenchError(f"cut {args.cut!r} is not available yet; available: heads")
+    student, recipe, method_opts = _apply_sets(args)
+    pcfg = ProtocolConfig(dataset=args.dataset, data_root=args.data_root, test_split=args.test_split, limit=args.limit,
+                          image_encoder=args.image_encoder, text_encoder=args.text_encoder, student=student, recipe=recipe)
+    run = RunConfig(protocol=pcfg, methods=args.methods, budgets=args.ipc, seeds=args.seeds, eval_seeds=args.eval_seeds,
+                    out=args.out, force=args.force, device=args.device, cache_dir=args.cache_dir,
+                    method_options=method_opts, argv=sys.argv)
+    _, recs = execute(run)
+    failed = [r for r in recs if r.get("status") != "ok"]
+    print(f"{len(recs) - len(failed)} cells ok, {len(failed)} failed; results in {args.out}/cells "
+          f"(python -m bench report --out {args.out})")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from reports import write_report
+
+    paths = write_report(args.out, include_published=args.published)
+    print(f"report written to {Path(args.out) / 'report'}:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from bench.status import status_lines
+
+    lines, code = status_lines(args.out)
+    print("\n".join(lines))
+    return code
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        import methods  # noqa: F401  (registers)
+        from methods import METHODS as reg
+    elif args.what == "datasets":
+        from datasets.registry import DATASETS as reg
+    else:
+        from datasets.encoders import ENCODERS as reg
+    for name in reg.names(args.pattern):
+        e = reg.entry(name)
+        print(f"{name:16s} {','.join(e.groups):10s} {e.help}")
+    if args.what == "encoders":
+        print("timm:<model>[@ckpt] image; hf:<name-or-path> text; open_clip:<arch>[:<pretrained>] either (need their weights)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bench.protocol import ProtocolConfig, build_protocol
+    from bench.student import StudentConfig
+    from bench.training import Recipe
+    from methods.base import Artifact
+
+    art, meta = Artifact.load(args.artifact)
+    pc = dict(meta["protocol_config"])
+    pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**pc["recipe"])
+    pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
+    if args.data_root:
+        pc["data_root"] = args.data_root
+    protocol = build_protocol(ProtocolConfig(**pc), args.cache_dir, args.device, log=lambda m: print(m, file=sys.stderr))
+    if protocol.id != meta.get("protocol_id"):
+        print(f"warning: protocol id {protocol.id} differs from the artifact's {meta.get('protocol_id')} "
+              f"(data or encoders changed)", file=sys.stderr)
+    budget = meta.get("budget")
+    art.validate(protocol, budget)
+    per_seed = protocol.evaluate(art.pairs(protocol), list(range(args.seeds)), log=lambda m: print(m, file=sys.stderr))
+    import numpy as np
+    keys = [k for k in per_seed[0] if k not in ("seed", "lr", "train_s")]
+    summary = {"artifact": str(args.artifact), "method": meta.get("method"), "budget": budget, "protocol_id": protocol.id,
+               "storage_bytes": art.storage_bytes(protocol), "metrics_mean": {k: float(np.mean([m[k] for m in per_seed])) for k in keys},
+               "metrics_std": {k: float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys},
+               "metrics_per_seed": per_seed}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "status": cmd_status, "list": cmd_list, "evaluate": cmd_evaluate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; rerun the same command to resume", file=sys.stderr)
+        return 130

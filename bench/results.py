@@ -1,0 +1,62 @@
+"""The results store: one JSON file per cell, written atomically the moment the cell finishes.
+
+Layout under ``--out`` (default ``runs/``)::
+
+    cells/<protocol_id>/<method>/<budget>_s<seed>.json   one cell (ok or failed)
+    artifacts/<protocol_id>/<method>/<budget>_s<seed>.pt the method's set (+ .json sidecar)
+    grids/<protocol_id>.json                             the last planned grid, for `status`
+
+A cell file records its ``key`` (a hash of everything that decides it: protocol id, method and its
+config, budget, selection seed, eval seeds, schema version). A rerun skips a cell whose file has
+status ok and a matching key, and redoes (overwrites) anything else.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from bench import SCHEMA_VERSION
+from datasets.base import identity_hash
+
+
+def cell_key(protocol_id: str, method: str, method_config: dict, budget: Optional[int], selection_seed: int,
+             eval_seeds: list[int]) -> str:
+    return identity_hash(SCHEMA_VERSION, protocol_id, method, method_config, budget, selection_seed, eval_seeds)
+
+
+def _stem(budget: Optional[int], seed: int) -> str:
+    return f"{'full' if budget is None else budget}_s{seed}"
+
+
+def cell_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int) -> Path:
+    return Path(out) / "cells" / protocol_id / method / f"{_stem(budget, seed)}.json"
+
+
+def artifact_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int) -> Path:
+    return Path(out) / "artifacts" / protocol_id / method / f"{_stem(budget, seed)}.pt"
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A stored JSON, or None when missing or unreadable (a half-written file cannot exist)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_done(path: Path, key: str) -> bool:
+    rec = read_json(path)
+    return bool(rec) and rec.get("status") == "ok" and rec.get("key") == key

@@ -1,0 +1,94 @@
+"""Training a student on a set of pairs: the one recipe every method is scored with.
+
+Plain minibatch SGD with momentum and weight decay for a fixed number of epochs (as in the paper's
+evaluation: SGD, momentum 0.9, weight decay 5e-4, batch 64). The step size follows ``lr_policy``:
+``fixed`` always uses ``lr``; ``learned`` uses the set's learned step size where it has one (as the
+paper does for distilled sets) and ``lr`` otherwise. Batches are drawn from a generator seeded by
+the eval seed only, so the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from bench.errors import BenchError
+from bench.student import Student, contrastive_loss
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_policy: str = "learned"
+
+    def __post_init__(self):
+        if self.lr_policy not in ("fixed", "learned"):
+            raise BenchError(f"unknown lr_policy {self.lr_policy!r}; available: fixed, learned")
+
+    def step_size(self, learned: Optional[float]) -> float:
+        return float(learned) if (self.lr_policy == "learned" and learned is not None) else self.lr
+
+
+@dataclass
+class PairSet:
+    """Pairs at the cut: ``text[j]`` goes with ``image[pair_image[j]]``; optional learned step size."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    pair_image: torch.Tensor
+    lr: Optional[float] = None
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    @staticmethod
+    def aligned(image: torch.Tensor, text: torch.Tensor, lr: Optional[float] = None) -> "PairSet":
+        return PairSet(image, text, torch.arange(len(text)), lr)
+
+
+def train_student(student: Student, pairs: PairSet, recipe: Recipe, seed: int,
+                  on_epoch: Optional[Callable[[int, Student], None]] = None) -> float:
+    """Train in place; returns the step size used. ``on_epoch(e, student)`` runs after each epoch
+    (e = 1..epochs) and once before training (e = 0)."""
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the eval seed, not the process state
+        torch.manual_seed(seed)
+        return _train(student, pairs, recipe, seed, on_epoch)
+
+
+def _train(student, pairs, recipe, seed, on_epoch) -> float:
+    lr = recipe.step_size(pairs.lr)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n, bs = len(pairs), min(recipe.batch_size, len(pairs))
+    temp = student.cfg.temperature
+    student.train()
+    if on_epoch:
+        on_epoch(0, student)
+    for epoch in range(1, recipe.epochs + 1):
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n - bs + 1, bs):  # drop the last partial batch (InfoNCE needs negatives)
+            j = order[s:s + bs]
+            img, txt = student(pairs.image[pairs.pair_image[j]], pairs.text[j])
+            loss = contrastive_loss(img, txt, temp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged (loss {loss.item()}) at epoch {epoch} with step size {lr:g}")
+        if on_epoch:
+            on_epoch(epoch, student)
+    student.eval()
+    return lr
+
+
+@torch.no_grad()
+def embed(student: Student, image: torch.Tensor, text: torch.Tensor, batch: int = 4096):
+    student.eval()
+    ie = torch.cat([student.embed_image(image[s:s + batch]) for s in range(0, len(image), batch)])
+    te = torch.cat([student.embed_text(text[s:s + batch]) for s in range(0, len(text), batch)])
+    return ie, te

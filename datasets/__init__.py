@@ -1,0 +1,1 @@
+"""Dataset readers, the embedded procedural dataset, encoders and the feature cache."""

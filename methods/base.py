@@ -1,0 +1,152 @@
+"""The method contract and the method registry.
+
+A method turns the train split (at the cut) and a budget into an ``Artifact``: either a *selected*
+set (caption indices into the train split; each pair is a caption and its image, every image
+distinct) or a *synthetic* set (tensors at the cut, plus learned extras such as a step size).
+
+Register a method with ``@register_method(name, group)`` on a class that has a ``Config`` dataclass
+and ``build(ctx, budget, seed) -> Artifact``. Groups: ``coreset``, ``distill``; ``reference`` (the
+full-data row, never in ``all``); ``test`` (tiny CI variants, never in ``all``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+from bench.registry import Registry
+from bench.training import PairSet
+
+METHODS: Registry = Registry("method")
+BYTES_PER_VALUE = 4  # storage is counted as float32 values at the cut
+
+
+def register_method(name: str, group: str, help: str = ""):
+    def deco(cls):
+        cls.name, cls.group = name, group
+        METHODS.register(name, cls, groups=(group,), help=help)
+        return cls
+    return deco
+
+
+@dataclass
+class MethodContext:
+    protocol: Any  # bench.protocol.Protocol
+    cache_dir: Optional[Path] = None
+    device: str = "cpu"
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Artifact:
+    kind: str  # "selected", "synthetic" or "full"
+    indices: Optional[np.ndarray] = None  # selected: caption indices into the train split
+    image: Optional[torch.Tensor] = None  # synthetic: image side at the cut [n, d_image]
+    text: Optional[torch.Tensor] = None  # synthetic: text side at the cut [n, d_text]
+    lr: Optional[float] = None  # learned step size, if any (counts in storage)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other learned tensors (count in storage)
+    info: dict = field(default_factory=dict)  # method-specific facts worth keeping (losses, timings)
+
+    def __len__(self) -> int:
+        if self.kind == "selected":
+            return len(self.indices)
+        return len(self.text) if self.text is not None else 0
+
+    def pairs(self, protocol) -> PairSet:
+        tr = protocol.train
+        if self.kind == "full":
+            return tr.all_pairs()
+        if self.kind == "selected":
+            j = torch.as_tensor(self.indices, dtype=torch.long)
+            return PairSet.aligned(tr.image[tr.caption_image[j]], tr.text[j], self.lr)
+        return PairSet.aligned(self.image.float(), self.text.float(), self.lr)
+
+    def storage_bytes(self, protocol) -> int:
+        """Bytes to store the set at the cut: every pair's inputs as float32, plus every learned
+        extra (step size, adapters, ...), so that budgets can be compared by storage."""
+        d = protocol.train.image.shape[1] + protocol.train.text.shape[1]
+        n = len(protocol.train.text) if self.kind == "full" else len(self)
+        extra = (1 if self.lr is not None else 0) + sum(t.numel() for t in self.extras.values())
+        return int((n * d + extra) * BYTES_PER_VALUE)
+
+    def validate(self, protocol, budget: Optional[int]) -> None:
+        if self.kind == "selected":
+            idx = np.asarray(self.indices)
+            n_cap = len(protocol.train.text)
+            if idx.ndim != 1 or len(idx) != budget:
+                raise RuntimeError(f"method returned {idx.size} pairs for a budget of {budget}")
+            if idx.min() < 0 or idx.max() >= n_cap:
+                raise RuntimeError("method returned caption indices out of range")
+            images = protocol.train.caption_image[torch.as_tensor(idx)].numpy()
+            if len(np.unique(images)) != len(idx):
+                raise RuntimeError("method returned pairs that share an image (each pair must have its own image)")
+        elif self.kind == "synthetic":
+            if len(self.image) != budget or len(self.text) != budget:
+                raise RuntimeError(f"method returned {len(self.image)} images / {len(self.text)} texts for a budget of {budget}")
+
+    # -- persistence: a .pt file with the tensors and a JSON sidecar with everything else
+    def save(self, path: Path, meta: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"kind": self.kind, "indices": None if self.indices is None else torch.as_tensor(self.indices),
+                "image": self.image, "text": self.text, "lr": self.lr, "extras": self.extras}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        side = path.with_suffix(".json")
+        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**meta, "kind": self.kind, "info": self.info, "lr": self.lr}, indent=1, default=str))
+        os.replace(tmp, side)
+
+    @staticmethod
+    def load(path: Path) -> tuple["Artifact", dict]:
+        path = Path(path)
+        if path.suffix == ".json":
+            path = path.with_suffix(".pt")
+        side = path.with_suffix(".json")
+        if not path.exists() or not side.exists():
+            raise BenchError(f"artifact not found: {path} (and its sidecar {side.name})")
+        try:
+            meta = json.loads(side.read_text())
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BenchError(f"cannot read artifact {path}: {type(e).__name__}: {e}") from None
+        idx = blob.get("indices")
+        art = Artifact(blob["kind"], None if idx is None else idx.numpy(), blob.get("image"), blob.get("text"),
+                       blob.get("lr"), blob.get("extras") or {}, meta.get("info", {}))
+        return art, meta
+
+
+def method_config(cls, options: dict[str, str]):
+    """Build ``cls.Config`` from string options (``--set NAME.FIELD=VALUE``), with clear errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    kw = {}
+    for k, v in options.items():
+        if k not in fields:
+            raise BenchError(f"method {cls.name!r} has no option {k!r}; available: {', '.join(fields) or '(none)'}")
+        kw[k] = parse_value(v, fields[k].type, f"{cls.name}.{k}")
+    return cls.Config(**kw)
+
+
+def parse_value(text: str, typ, where: str):
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if "bool" in t:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if "int" in t and "float" not in t:
+            return int(text)
+        if "float" in t:
+            return float(text)
+    except ValueError:
+        raise BenchError(f"{where}: cannot read {text!r} as {t}") from None
+    return text

@@ -1,0 +1,154 @@
+"""End to end through `main(argv)`: runs, resume, determinism, failures, bad input, reports."""
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.errors import BenchError
+from methods.base import Artifact, register_method, METHODS
+
+TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One feature cache for the whole session (real encoders on 110 generated images)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(out, cache, *extra):
+    return main(["run", "--out", str(out), "--cache-dir", str(cache), *TINY, *extra])
+
+
+def cells(out):
+    return sorted(Path(out, "cells").rglob("*.json"))
+
+
+def test_run_writes_one_file_per_cell_and_resumes(tmp_path, cache, capsys):
+    out = tmp_path / "runs"
+    assert run(out, cache, "--methods", "random", "--ipc", "10,20", "--seeds", "2") == 0
+    files = cells(out)
+    assert len(files) == 1 + 2 * 2  # full-data reference + 2 budgets x 2 seeds
+    rec = json.loads(next(f for f in files if f.name == "10_s1.json").read_text())
+    assert rec["status"] == "ok" and rec["method"] == "random" and rec["budget"] == 10
+    assert rec["selection_seed"] == 1 and rec["eval_seeds"] == [1]
+    assert set(rec["metrics_per_seed"][0]) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "mean"}
+    assert rec["storage_bytes"] == 10 * (1280 + 384) * 4
+    m = rec["manifest"]
+    assert {"git_commit", "git_dirty", "packages", "device", "argv"} <= set(m) and "torch" in m["packages"]
+    full = json.loads((files[0].parent.parent / "full" / "full_s0.json").read_text())
+    assert full["eval_seeds"] == [0, 1] and full["n_pairs"] == 400  # 80 images x 5 captions
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    capsys.readouterr()
+    assert run(out, cache, "--methods", "random", "--ipc", "10,20", "--seeds", "2") == 0
+    assert "skip" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in cells(out)} == mtimes  # nothing redone
+    assert run(out, cache, "--methods", "random", "--ipc", "10", "--seeds", "1", "--force") == 0
+    assert next(f for f in cells(out) if f.name == "10_s0.json").stat().st_mtime_ns != mtimes[
+        next(f for f in files if f.name == "10_s0.json")]
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path, cache):
+    for d in ("a", "b"):
+        assert run(tmp_path / d, cache, "--methods", "random", "--ipc", "20", "--seeds", "2") == 0
+    get = lambda d, s: json.loads(next(f for f in cells(tmp_path / d) if f.name == f"20_s{s}.json").read_text())
+    assert get("a", 0)["metrics_per_seed"][0]["mean"] == get("b", 0)["metrics_per_seed"][0]["mean"]
+    a0 = Artifact.load(Path(get("a", 0)["artifact"]))[0].indices
+    a1 = Artifact.load(Path(get("a", 1)["artifact"]))[0].indices
+    assert set(a0) != set(a1)
+
+
+def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, cache, capsys):
+    if "test_broken" not in METHODS:
+        @register_method("test_broken", "test")
+        class Broken:
+            from dataclasses import dataclass
+
+            @dataclass(frozen=True)
+            class Config:
+                pass
+
+            def __init__(self, config):
+                pass
+
+            def build(self, ctx, budget, seed):
+                raise RuntimeError("deliberate failure")
+    out = tmp_path / "runs"
+    assert run(out, cache, "--methods", "test_broken,random", "--ipc", "10", "--seeds", "1") == 1
+    recs = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in cells(out)}
+    assert recs["test_broken"]["status"] == "failed" and "deliberate failure" in recs["test_broken"]["error"]
+    assert recs["random"]["status"] == "ok"
+    capsys.readouterr()
+    assert main(["status", "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "2 done, 0 missing, 1 failed of 3" in text and "deliberate failure" in text
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "--ipc", "100,abc"], "expected comma-separated integers"),
+    (["run", "--methods", "nope"], "unknown method 'nope'; available:"),
+    (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["run", "--dataset", "flickr8k", "--data-root", "/no/such/dir"], "data root not found"),
+    (["run", "--seeds", "0"], "positive integer"),
+    (["run", "--set", "recipe.nope=1"], "recipe has no field 'nope'"),
+    (["run", "--set", "random.k=1"], "method 'random' has no option 'k'"),
+    (["list", "things"], "invalid choice"),
+    (["evaluate", "--artifact", "/no/such.pt"], "artifact not found"),
+])
+def test_bad_usage_is_one_line_and_exit_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_budget_larger_than_train_split(tmp_path, cache, capsys):
+    assert run(tmp_path / "r", cache, "--methods", "random", "--ipc", "10,500") == 2
+    assert "budget 500 is larger than the train split (80 images" in capsys.readouterr().err
+
+
+def test_bad_input_leaves_written_results_intact(tmp_path, cache, capsys):
+    out = tmp_path / "runs"
+    assert run(out, cache, "--methods", "random", "--ipc", "10", "--seeds", "1") == 0
+    before = {f: f.read_bytes() for f in cells(out)}
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "dataset_flickr8k.json").write_text('{"images": [')  # truncated
+    assert main(["run", "--out", str(out), "--dataset", "flickr8k", "--data-root", str(root)]) == 2
+    assert "malformed JSON" in capsys.readouterr().err
+    (root / "captions.jsonl").write_text('{"image": "x.jpg", "captions": ["a b"], "split": "train"}\n'
+                                         '{"image": "y.jpg", "captions": ["c d"], "split": "train"}\n'
+                                         '{"image": "z.jpg", "captions": ["e f"], "split": "test"}\n')
+    for n in "xyz":
+        (root / f"{n}.jpg").write_bytes(b"not an image")
+    assert main(["run", "--out", str(out), "--cache-dir", str(tmp_path / "c2"), "--dataset", "folder",
+                 "--data-root", str(root), "--ipc", "2"]) == 2
+    assert "cannot decode image" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in cells(out)} == before
+
+
+def test_report_and_evaluate_artifact(tmp_path, cache, capsys):
+    out = tmp_path / "runs"
+    assert run(out, cache, "--methods", "random", "--ipc", "10,20", "--seeds", "2") == 0
+    capsys.readouterr()
+    assert main(["report", "--out", str(out)]) == 0
+    rep = out / "report"
+    assert {p.suffix for p in rep.iterdir()} >= {".md", ".tex", ".csv", ".png", ".pdf"}
+    md = next(rep.glob("synthetic_*.md")).read_text()
+    assert "random" in md.lower() and "full data" in md.lower()
+    rec = json.loads(next(f for f in cells(out) if f.name == "20_s0.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", rec["artifact"], "--seeds", "1", "--cache-dir", str(cache)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # same set, same eval seed 0, same protocol -> the same numbers as the cell
+    assert res["protocol_id"] == rec["protocol_id"]
+    assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
+
+
+def test_list_commands(capsys):
+    assert main(["list", "methods"]) == 0
+    assert "random" in capsys.readouterr().out
+    assert main(["list", "datasets"]) == 0
+    assert "synthetic" in capsys.readouterr().out
+    assert main(["list", "encoders"]) == 0
+    assert "effnet_lite0" in capsys.readouterr().out
