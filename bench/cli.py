@@ -51,23 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a grid of cells (methods x budgets x seeds)")
-    r.add_argument("--dataset", default="synthetic", help="dataset name (python -m bench list datasets); default: synthetic")
-    r.add_argument("--data-root", default=None, help="folder holding the dataset's caption file and images")
-    r.add_argument("--test-split", default="test", choices=("test", "val"), help="score on test, or on val while developing")
+    _protocol_args(r)
     r.add_argument("--methods", default="all", help="comma list of names, groups (coreset, distill), globs, or all")
     r.add_argument("--ipc", type=_int_list, default=(100, 200, 500, 1000), help="budgets in pairs, e.g. 100,200,500,1000")
     r.add_argument("--seeds", type=_positive, default=3, help="selection seeds per cell (default 3)")
     r.add_argument("--eval-seeds", type=_positive, default=1, help="eval seeds per selection seed (default 1)")
-    r.add_argument("--cut", default="heads", choices=("heads", "pixels"), help="where the student's trainable part starts")
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
-    r.add_argument("--cache-dir", type=Path, default=None, help="feature/expert cache (default $VLBENCH_CACHE or ~/.cache/vlbench)")
-    r.add_argument("--limit", type=_limit, default=None, metavar="N_TRAIN,N_EVAL", help="use only the first images of each split")
-    r.add_argument("--image-encoder", default="effnet_lite0")
-    r.add_argument("--text-encoder", default="minilm_l6")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: recipe.FIELD, student.FIELD or METHOD.FIELD (repeatable)")
     r.add_argument("--force", action="store_true", help="redo finished cells")
+
+    ex = sub.add_parser("experts", help="build (or resume) the expert trajectories the distillation methods use")
+    _protocol_args(ex)
+    ex.add_argument("--methods", default="distill", help="distillation methods whose experts to build (default: distill)")
 
     rep = sub.add_parser("report", help="tables and plots from stored results")
     rep.add_argument("--out", type=Path, default=Path("runs"))
@@ -87,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", type=Path, default=None)
     ev.add_argument("--device", default="cpu")
     return p
+
+
+def _protocol_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--dataset", default="synthetic", help="dataset name (python -m bench list datasets); default: synthetic")
+    r.add_argument("--data-root", default=None, help="folder holding the dataset's caption file and images")
+    r.add_argument("--test-split", default="test", choices=("test", "val"), help="score on test, or on val while developing")
+    r.add_argument("--cut", default="heads", choices=("heads", "pixels"), help="where the student's trainable part starts")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--cache-dir", type=Path, default=None, help="feature/expert cache (default $VLBENCH_CACHE or ~/.cache/vlbench)")
+    r.add_argument("--limit", type=_limit, default=None, metavar="N_TRAIN,N_EVAL", help="use only the first images of each split")
+    r.add_argument("--image-encoder", default="effnet_lite0")
+    r.add_argument("--text-encoder", default="minilm_l6")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: recipe.FIELD, student.FIELD or METHOD.FIELD (repeatable)")
 
 
 def _apply_sets(args) -> tuple[object, object, dict]:
@@ -112,9 +120,8 @@ def _apply_sets(args) -> tuple[object, object, dict]:
     return StudentConfig(cut=args.cut, **student), Recipe(**recipe), methods
 
 
-def cmd_run(args) -> int:
+def _protocol_config(args):
     from bench.protocol import ProtocolConfig
-    from bench.runner import RunConfig, execute
 
     if args.device.startswith("cuda"):
         import torch
@@ -125,6 +132,40 @@ def cmd_run(args) -> int:
     student, recipe, method_opts = _apply_sets(args)
     pcfg = ProtocolConfig(dataset=args.dataset, data_root=args.data_root, test_split=args.test_split, limit=args.limit,
                           image_encoder=args.image_encoder, text_encoder=args.text_encoder, student=student, recipe=recipe)
+    return pcfg, method_opts
+
+
+def cmd_experts(args) -> int:
+    from bench.protocol import build_protocol
+    from bench.trajectories import ExpertBuffer
+    from datasets.features import default_cache_dir
+    from methods import METHODS
+    from methods.base import method_config
+
+    pcfg, method_opts = _protocol_config(args)
+    protocol = build_protocol(pcfg, args.cache_dir, args.device)
+    seen = set()
+    for name in METHODS.select(args.methods):
+        cls = METHODS.get(name)
+        cfg = method_config(cls, method_opts.get(name, {}))
+        if not hasattr(cfg, "experts"):
+            continue
+        ecfg = cfg.experts()
+        if ecfg in seen:
+            continue
+        seen.add(ecfg)
+        buf = ExpertBuffer(protocol, ecfg, args.cache_dir or default_cache_dir()).build()
+        print(f"{name}: {ecfg.n_experts} experts x {ecfg.epochs} epochs ready in {buf.dir} "
+              f"({buf.disk_bytes() / 2**20:.1f} MiB)")
+    if not seen:
+        raise BenchError(f"no distillation method among {args.methods!r}; nothing to build")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from bench.runner import RunConfig, execute
+
+    pcfg, method_opts = _protocol_config(args)
     run = RunConfig(protocol=pcfg, methods=args.methods, budgets=args.ipc, seeds=args.seeds, eval_seeds=args.eval_seeds,
                     out=args.out, force=args.force, device=args.device, cache_dir=args.cache_dir,
                     method_options=method_opts, argv=sys.argv)
@@ -198,7 +239,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "status": cmd_status, "list": cmd_list, "evaluate": cmd_evaluate}
+COMMANDS = {"run": cmd_run, "experts": cmd_experts, "report": cmd_report, "status": cmd_status, "list": cmd_list, "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

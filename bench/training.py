@@ -2,9 +2,16 @@
 
 Plain minibatch SGD with momentum and weight decay for a fixed number of epochs (as in the paper's
 evaluation: SGD, momentum 0.9, weight decay 5e-4, batch 64). The step size follows ``lr_policy``:
-``fixed`` always uses ``lr``; ``learned`` uses the set's learned step size where it has one (as the
-paper does for distilled sets) and ``lr`` otherwise. Batches are drawn from a generator seeded by
-the eval seed only, so the same seed gives the same numbers.
+
+* ``fixed``: always ``lr``;
+* ``learned`` (default): a set that learned a step size α (distillation unrolls plain SGD, no
+  momentum) is trained with ``lr = α·(1 − momentum)``, the heavy-ball step whose effective step
+  ``lr / (1 − momentum)`` equals α; a set without one uses ``lr``. (Using α itself with momentum 0.9,
+  as the paper's code does, takes steps ten times larger than the ones the set was distilled for:
+  on Flickr8k val a 100-pair ``tm`` set scored 14.7 mean recall that way and 38 with the conversion.)
+
+Batches are drawn from a generator seeded by the eval seed only, so the same seed gives the same
+numbers; the last partial batch of an epoch is used (dropped only if it holds a single pair).
 """
 from __future__ import annotations
 
@@ -31,7 +38,9 @@ class Recipe:
             raise BenchError(f"unknown lr_policy {self.lr_policy!r}; available: fixed, learned")
 
     def step_size(self, learned: Optional[float]) -> float:
-        return float(learned) if (self.lr_policy == "learned" and learned is not None) else self.lr
+        if self.lr_policy == "learned" and learned is not None:
+            return float(learned) * (1.0 - self.momentum)
+        return self.lr
 
 
 @dataclass
@@ -71,8 +80,10 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
         on_epoch(0, student)
     for epoch in range(1, recipe.epochs + 1):
         order = torch.randperm(n, generator=gen)
-        for s in range(0, n - bs + 1, bs):  # drop the last partial batch (InfoNCE needs negatives)
+        for s in range(0, n, bs):
             j = order[s:s + bs]
+            if len(j) < 2:  # a last batch of one pair has no negatives
+                continue
             img, txt = student(pairs.image[pairs.pair_image[j]], pairs.text[j])
             loss = contrastive_loss(img, txt, temp)
             opt.zero_grad(set_to_none=True)

@@ -3,17 +3,21 @@
 Definition used here.
 
 * **Probe pairs**: every train image once, with its representative caption (the caption nearest the
-  mean of the image's captions; see ``methods/coreset_features.py``). The probe gallery is the same
-  set: all train images and these probe captions (one per image). Candidates for selection are the
-  probe pairs, so selected pairs have distinct images.
+  mean of the image's captions; see ``methods/coreset_features.py``). Candidates for selection are
+  the probe pairs, so selected pairs have distinct images.
+* **Probe galleries**: the probe pairs are split once, by a fixed permutation from ``train_seed``,
+  into galleries of ``probe_size`` pairs (default 100, about a training batch: the analogue of a
+  classification problem with 100 classes). Each pair is judged within its own fixed gallery.
+  (With one gallery of all 6,000 Flickr8k images, strict top-1 is so hard that most pairs are never
+  learned and the selection degenerates to random among them; ``probe_size=0`` gives that variant.)
 * **Training run**: one student, ``protocol.fresh_student(train_seed)``, trained on the *full* train
   split (every caption) with the protocol's recipe (``epochs`` overrides the recipe's epoch count
   when > 0), via ``bench.training.train_student`` with ``seed=train_seed``; the global torch RNG (used
   by dropout in ``mlp`` heads) is also seeded with ``train_seed`` for the run. ``train_seed`` is fixed
   by the config, not by the selection seed, so every budget and selection seed shares one run.
 * **Learned**: after each epoch ``e = 1..E`` (not before training), with the student's embeddings
-  of the probe gallery, probe pair ``i`` is *learned* when image ``i`` retrieves caption ``i`` at
-  top-1 among the probe captions AND caption ``i`` retrieves image ``i`` at top-1 among the probe
+  of the probe pairs, pair ``i`` is *learned* when image ``i`` retrieves caption ``i`` at top-1 among
+  the captions of its gallery AND caption ``i`` retrieves image ``i`` at top-1 among its gallery's
   images. Ties count against the pair (as in ``bench/retrieval.py``): the positive's similarity must
   be strictly greater than every other gallery item's.
 * **Forgetting event**: learned at epoch ``e`` and not learned at epoch ``e+1``
@@ -106,6 +110,7 @@ class Forgetting:
     class Config:
         epochs: int = 0  # epochs of the training run; 0 = the protocol recipe's
         train_seed: int = 0  # seed of the one training run (init, batch order, dropout); shared by all selection seeds
+        probe_size: int = 100  # pairs per fixed probe gallery; 0 = one gallery of all train images
 
     def __init__(self, config: "Forgetting.Config"):
         self.config = config
@@ -121,7 +126,7 @@ class Forgetting:
 
         p = ctx.protocol
         key = identity_hash(STATS_VERSION, p.id, CANDIDATE_RULE, self._epochs(p), self.config.train_seed,
-                            len(p.train.image), len(p.train.text))
+                            self.config.probe_size, len(p.train.image), len(p.train.text))
         return Path(ctx.cache_dir or default_cache_dir()) / "forgetting" / f"{p.id}-{key}.npz"
 
     def learned_matrix(self, ctx: MethodContext, probe_caps: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -146,6 +151,12 @@ class Forgetting:
         probe_img, probe_txt = tr.image, tr.text[torch.as_tensor(probe_caps)]
         learned = np.zeros((epochs, len(probe_caps)), dtype=bool)
         every = max(1, epochs // 5)
+        n, size = len(probe_caps), self.config.probe_size or len(probe_caps)
+        perm = torch.as_tensor(np.random.default_rng(self.config.train_seed).permutation(n))
+        galleries = [perm[s:s + size] for s in range(0, n, size)]
+        if len(galleries) > 1 and len(galleries[-1]) < 2:  # a one-pair gallery is trivially "learned"
+            galleries[-2] = torch.cat(galleries[-2:])
+            galleries.pop()
         t0 = time.time()
 
         def on_epoch(e, student):
@@ -154,7 +165,8 @@ class Forgetting:
             was_training = student.training
             ie, te = embed(student, probe_img, probe_txt)  # embed() switches the student to eval mode
             student.train(was_training)
-            learned[e - 1] = retrieved_both_ways(ie, te)
+            for g in galleries:
+                learned[e - 1, g] = retrieved_both_ways(ie[g], te[g])
             if e % every == 0 or e == epochs:
                 ctx.log(f"forgetting: epoch {e}/{epochs}: {learned[e - 1].mean():.1%} of probe pairs learned "
                         f"({time.time() - t0:.0f} s)")

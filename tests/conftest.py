@@ -18,3 +18,18 @@ def flickr8k_root():
     if not (FLICKR8K / "dataset_flickr8k.json").exists():
         pytest.skip("../shared/data/flickr8k is not present (a user's clone)")
     return FLICKR8K
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One feature/expert cache for the whole session (real encoders on 110 generated images)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_protocol(cache):
+    from bench.protocol import ProtocolConfig, build_protocol
+    from bench.training import Recipe
+
+    cfg = ProtocolConfig(limit=(80, 30), recipe=Recipe(epochs=4, batch_size=16))
+    return build_protocol(cfg, cache_dir=cache, log=None)

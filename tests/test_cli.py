@@ -11,12 +11,6 @@ from methods.base import Artifact, register_method, METHODS
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    """One feature cache for the whole session (real encoders on 110 generated images)."""
-    return tmp_path_factory.mktemp("cache")
-
-
 def run(out, cache, *extra):
     return main(["run", "--out", str(out), "--cache-dir", str(cache), *TINY, *extra])
 

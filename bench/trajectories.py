@@ -1,0 +1,157 @@
+"""Expert trajectories for trajectory matching (Cazenavette et al. 2022; Wu et al. 2024).
+
+An expert is the protocol's student trained on the full train split; its *trainable* parameters are
+saved after every epoch (and at initialisation) as one float16 matrix ``[epochs + 1, n_params]``.
+Under LoRA matching only the adapters train (the base weights stay at a fixed, seeded
+initialisation), and only the adapters are saved.
+
+Buffers are cached under ``<cache>/experts/<key>/``, where the key covers the dataset identity, the
+encoders, the cut and student, and the expert recipe (not the eval recipe, which experts never use).
+Each expert is written atomically as it finishes, so an interrupted build resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from bench.progress import progress
+from bench.student import Student, contrastive_loss
+from datasets.base import identity_hash
+
+EXPERT_VERSION = 1
+EXPERT_SEED_OFFSET = 10_000  # expert i starts from seed 10000+i: never an eval seed's initialisation
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    n_experts: int = 5
+    epochs: int = 10
+    lr: float = 0.1  # plain SGD, as the paper's experts
+    batch_size: int = 128
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lora_rank: int = 0  # > 0: only LoRA adapters of this rank train (base weights frozen)
+    lora_alpha: float = 0.0  # 0 means alpha = rank (scaling 1)
+    base_seed: int = 12_345  # LoRA only: seed of the frozen base weights
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for _, p in params])
+
+
+def unflatten(flat: torch.Tensor, spec: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for name, shape in spec:
+        n = int(torch.Size(shape).numel())
+        out[name] = flat[i:i + n].view(shape)
+        i += n
+    return out
+
+
+def make_lora_student(student: Student, cfg: ExpertConfig) -> torch.nn.Module:
+    """Wrap the student's heads with peft LoRA adapters; only the adapters train. The base weights
+    are the student's own (fixed by ``cfg.base_seed`` when built by ``expert_student``)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets,
+                      lora_dropout=0.0, bias="none")
+    return get_peft_model(student, lcfg)
+
+
+def expert_student(protocol, cfg: ExpertConfig, seed: int) -> torch.nn.Module:
+    """The model an expert (or the unrolled student) trains: the protocol's student, or, under LoRA,
+    the student with base weights from ``base_seed`` and fresh adapters from ``seed``."""
+    if cfg.lora_rank <= 0:
+        return protocol.fresh_student(seed)
+    base = protocol.fresh_student(cfg.base_seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_lora_student(base, cfg)
+
+
+def param_spec(model: torch.nn.Module) -> list[tuple[str, torch.Size]]:
+    return [(n, p.shape) for n, p in trainable(model)]
+
+
+class ExpertBuffer:
+    """The cached trajectories of one (protocol, expert config)."""
+
+    def __init__(self, protocol, cfg: ExpertConfig, cache_dir: Path):
+        self.protocol, self.cfg = protocol, cfg
+        desc = protocol.describe()
+        self.key = identity_hash(EXPERT_VERSION, desc["dataset_identity"], desc["image_encoder"], desc["text_encoder"],
+                                 desc["inputs"], desc["student"], dataclasses.asdict(cfg))[:16]
+        self.dir = Path(cache_dir) / "experts" / f"{protocol.cfg.dataset}-{self.key}"
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"expert_{i:03d}.pt"
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.cfg.n_experts) if not self.path(i).exists()]
+
+    def build(self, log: Callable = print) -> "ExpertBuffer":
+        todo = self.missing()
+        if not todo:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps({"key": self.key, "expert": dataclasses.asdict(self.cfg),
+                                                          "protocol": self.protocol.describe()}, indent=1, default=str))
+        for i in todo:
+            t0 = time.time()
+            traj = train_expert(self.protocol, self.cfg, EXPERT_SEED_OFFSET + i)
+            tmp = self.path(i).with_name(f".{self.path(i).name}.{os.getpid()}.tmp")
+            torch.save(traj, tmp)
+            os.replace(tmp, self.path(i))
+            log(f"expert {i + 1}/{self.cfg.n_experts}: {self.cfg.epochs} epochs in {time.time() - t0:.1f} s "
+                f"({traj['params'].shape[1]:,} trainable params) -> {self.path(i)}")
+        return self
+
+    def load(self) -> list[torch.Tensor]:
+        if self.missing():
+            raise RuntimeError(f"expert buffer {self.dir} is incomplete; run `python -m bench experts` or build()")
+        return [torch.load(self.path(i), weights_only=True)["params"] for i in range(self.cfg.n_experts)]
+
+    def spec(self) -> list[tuple[str, torch.Size]]:
+        return torch.load(self.path(0), weights_only=True)["spec"]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("expert_*.pt"))
+
+
+def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
+    """Train one expert on all train pairs; return its per-epoch trainable parameters (float16)."""
+    model = expert_student(protocol, cfg, seed)
+    params = trainable(model)
+    opt = torch.optim.SGD([p for _, p in params], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pairs = protocol.train.all_pairs()
+    gen = torch.Generator().manual_seed(seed)
+    n, bs = len(pairs), min(cfg.batch_size, len(pairs))
+    temp = protocol.cfg.student.temperature
+    snaps = [flatten(params).half()]
+    model.train()
+    with torch.random.fork_rng(devices=[]), progress(total=cfg.epochs, desc=f"expert seed {seed}", unit="ep") as bar:
+        torch.manual_seed(seed)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for s in range(0, n - bs + 1, bs):
+                j = order[s:s + bs]
+                img, txt = model(pairs.image[pairs.pair_image[j]], pairs.text[j])
+                loss = contrastive_loss(img, txt, temp)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            snaps.append(flatten(params).half())
+            bar.update(1)
+    return {"params": torch.stack(snaps), "spec": [(n_, tuple(p.shape)) for n_, p in params], "seed": seed}

@@ -1,0 +1,107 @@
+"""Expert buffers and trajectory matching on the tiny generated protocol."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
+from methods import METHODS, MethodContext
+from methods.base import method_config
+from methods.trajectory_matching import matching_loss
+
+TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
+
+
+def build(name, protocol, cache, budget=10, seed=0, **opts):
+    cls = METHODS.get(name)
+    cfg = method_config(cls, {k: str(v) for k, v in opts.items()})
+    return cls(cfg).build(MethodContext(protocol, cache, log=lambda m: None), budget, seed)
+
+
+def test_matching_loss_known_values_and_scale_invariance():
+    g = torch.Generator().manual_seed(0)
+    start, target, end = (torch.randn(50, generator=g) for _ in range(3))
+    assert matching_loss(start, start, target).item() == pytest.approx(1.0)
+    assert matching_loss(target, start, target).item() == 0.0
+    for c in (1e-3, 7.0, 1e4):
+        assert matching_loss(c * end, c * start, c * target).item() == pytest.approx(matching_loss(end, start, target).item(), rel=1e-5)
+
+
+def test_expert_buffer_is_float16_per_epoch_and_resumes(tiny_protocol, cache):
+    cfg = ExpertConfig(n_experts=2, epochs=3)
+    buf = ExpertBuffer(tiny_protocol, cfg, cache).build(log=lambda m: None)
+    trajs = buf.load()
+    n_params = sum(p.numel() for _, p in trainable(tiny_protocol.fresh_student(0)))
+    assert [t.shape for t in trajs] == [torch.Size([4, n_params])] * 2 and trajs[0].dtype == torch.float16
+    # snapshot 0 is the expert's initialisation; training moves it
+    init = flatten(trainable(expert_student(tiny_protocol, cfg, 10_000))).half()
+    assert torch.equal(trajs[0][0], init) and not torch.equal(trajs[0][0], trajs[0][-1])
+    kept = buf.path(0).stat().st_mtime_ns
+    buf.path(1).unlink()
+    assert buf.missing() == [1]
+    buf.build(log=lambda m: None)
+    assert buf.path(0).stat().st_mtime_ns == kept and torch.equal(buf.load()[1], trajs[1])  # resumed, deterministic
+    other = ExpertBuffer(tiny_protocol, ExpertConfig(n_experts=2, epochs=4), cache)
+    assert other.key != buf.key  # the recipe is in the key
+
+
+def test_tm_is_deterministic_per_seed_and_moves_the_data(tiny_protocol, cache):
+    a = build("test_tm", tiny_protocol, cache, seed=0)
+    b = build("test_tm", tiny_protocol, cache, seed=0)
+    c = build("test_tm", tiny_protocol, cache, seed=1)
+    assert torch.equal(a.image, b.image) and torch.equal(a.text, b.text) and a.lr == b.lr
+    assert not torch.equal(a.image, c.image)
+    init = torch.as_tensor(a.info["init_caption_indices"])
+    tr = tiny_protocol.train
+    assert not torch.allclose(a.image, tr.image[tr.caption_image[init]])  # images were distilled
+    assert not torch.allclose(a.text, tr.text[init])  # texts were distilled
+    assert a.lr != 0.1 and a.lr > 0
+
+
+@pytest.mark.parametrize("modality,fixed", [("image", "text"), ("text", "image")])
+def test_single_modality_variants_keep_the_other_side_real(tiny_protocol, cache, modality, fixed):
+    a = build("test_tm", tiny_protocol, cache, modality=modality)
+    init = torch.as_tensor(a.info["init_caption_indices"])
+    tr = tiny_protocol.train
+    real = {"image": tr.image[tr.caption_image[init]], "text": tr.text[init]}
+    assert torch.equal(getattr(a, fixed), real[fixed])
+    assert not torch.allclose(getattr(a, modality), real[modality])
+
+
+def test_registered_variants_differ_only_in_modality_or_lora():
+    base = METHODS.get("tm").Config()
+    assert METHODS.get("tm_image").Config().modality == "image" and METHODS.get("tm_text").Config().modality == "text"
+    assert METHODS.get("tm_lora").Config().lora_rank > 0 and base.lora_rank == 0
+    assert set(METHODS.select("distill")) >= {"tm", "tm_image", "tm_text", "tm_lora"}
+    assert "test_tm" not in METHODS.select("all")
+
+
+def test_lora_experts_train_only_adapters(tiny_protocol, cache):
+    cfg = ExpertConfig(n_experts=1, epochs=2, lora_rank=4)
+    model = expert_student(tiny_protocol, cfg, 0)
+    names = [n for n, _ in trainable(model)]
+    assert names and all("lora_" in n for n in names)
+    d_i, d_t, e = 1280, 384, tiny_protocol.cfg.student.embed_dim
+    assert sum(p.numel() for _, p in trainable(model)) == 4 * (d_i + e) + 4 * (d_t + e)
+    # the frozen base is the same whatever the adapter seed
+    base = {n: p for n, p in model.named_parameters() if "base_layer" in n}
+    base2 = {n: p for n, p in expert_student(tiny_protocol, cfg, 1).named_parameters() if "base_layer" in n}
+    assert all(torch.equal(base[n], base2[n]) for n in base)
+    art = build("test_tm_lora", tiny_protocol, cache)
+    assert art.extras["lora_base_seed"].item() == METHODS.get("test_tm_lora").Config().base_seed
+    assert art.storage_bytes(tiny_protocol) == (10 * (1280 + 384) + 2) * 4  # pairs + step size + base seed
+
+
+def test_tm_cell_round_trips_through_evaluate(tmp_path, cache, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", "--out", str(out), "--cache-dir", str(cache), *TINY, "--methods", "test_tm", "--ipc", "10"]) == 0
+    rec = json.loads(next(Path(out, "cells").rglob("test_tm/10_s0.json")).read_text())
+    assert rec["status"] == "ok" and rec["learned_lr"] == rec["info"]["learned_lr"]
+    assert rec["metrics_per_seed"][0]["lr"] == pytest.approx(rec["learned_lr"] * 0.1)  # lr_policy learned, momentum 0.9
+    assert rec["storage_bytes"] == (10 * (1280 + 384) + 1) * 4
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", rec["artifact"], "--seeds", "1", "--cache-dir", str(cache)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
