@@ -22,6 +22,7 @@ Synthetic sets start from random real pairs (distinct images, drawn from the sel
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,16 @@ class TMConfig:
     def experts(self) -> ExpertConfig:
         return ExpertConfig(n_experts=self.n_experts, epochs=self.expert_train_epochs, lr=self.expert_lr,
                             batch_size=self.expert_batch, lora_rank=self.lora_rank, base_seed=self.base_seed)
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process (MiB): recorded early and at the end of a distillation, to
+    show that memory does not grow with the number of iterations."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -109,7 +120,7 @@ class TrajectoryMatching:
         gen = torch.Generator().manual_seed(seed)
         temp = p.cfg.student.temperature
         bs = min(c.batch_syn, budget)
-        losses, t0 = [], time.time()
+        losses, t0, rss_early = [], time.time(), _rss_mb()
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
             for it in range(c.iterations):
@@ -134,13 +145,16 @@ class TrajectoryMatching:
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
                 losses.append(loss.item())
+                if it == max(1, c.iterations // 10):
+                    rss_early = _rss_mb()
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}")
         k = max(1, min(50, len(losses) // 4))
         info = {"match_loss_first": float(np.mean(losses[:k])), "match_loss_last": float(np.mean(losses[-k:])),
                 "learned_lr": float(syn_lr.item()), "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
-                "experts_disk_bytes": buffer.disk_bytes(), "init_caption_indices": init.tolist()}
+                "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
+                "init_caption_indices": init.tolist()}
         ctx.log(f"  {self.name}: match loss {info['match_loss_first']:.3f} -> {info['match_loss_last']:.3f}, "
                 f"step size {info['learned_lr']:.4g}, {info['seconds']} s")
         extras = {"lora_base_seed": torch.tensor([c.base_seed])} if c.lora_rank > 0 else {}

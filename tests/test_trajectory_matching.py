@@ -105,3 +105,16 @@ def test_tm_cell_round_trips_through_evaluate(tmp_path, cache, capsys):
     assert main(["evaluate", "--artifact", rec["artifact"], "--seeds", "1", "--cache-dir", str(cache)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
+
+
+def test_experts_command_builds_once_and_reports_size(tmp_path, capsys):
+    argv = ["experts", "--cache-dir", str(tmp_path), *TINY, "--methods", "test_tm"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 experts x 3 epochs ready" in out and "MiB" in out
+    files = sorted(tmp_path.rglob("expert_*.pt"))
+    assert len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert main(argv) == 0  # cached: nothing retrained
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert main(["experts", "--cache-dir", str(tmp_path), *TINY, "--methods", "random"]) == 2
