@@ -118,3 +118,15 @@ def test_experts_command_builds_once_and_reports_size(tmp_path, capsys):
     assert main(argv) == 0  # cached: nothing retrained
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert main(["experts", "--cache-dir", str(tmp_path), *TINY, "--methods", "random"]) == 2
+
+
+def test_keep_best_returns_the_lowest_loss_window_and_last_is_the_final_set(tiny_protocol, cache):
+    last = build("test_tm", tiny_protocol, cache, iterations=30, keep="last")
+    best = build("test_tm", tiny_protocol, cache, iterations=30, keep="best")
+    assert last.info["kept_iteration"] == 30
+    k = best.info["kept_iteration"]
+    assert 25 <= k <= 30 and k % 5 == 0
+    if k == 30:  # the best window is the last one: the same set
+        assert torch.equal(best.image, last.image) and best.lr == last.lr
+    with pytest.raises(ValueError, match="keep must be"):
+        build("test_tm", tiny_protocol, cache, iterations=2, keep="middle")
