@@ -1,7 +1,6 @@
 """``bench status``: the last planned grid of each protocol against the cells on disk."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 

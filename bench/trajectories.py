@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -79,10 +79,6 @@ def expert_student(protocol, cfg: ExpertConfig, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make_lora_student(base, cfg)
-
-
-def param_spec(model: torch.nn.Module) -> list[tuple[str, torch.Size]]:
-    return [(n, p.shape) for n, p in trainable(model)]
 
 
 class ExpertBuffer:

@@ -24,7 +24,6 @@ unroll can destabilise late (step size collapsing, loss rising) after reaching a
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.errors import BenchError
 from methods.base import Artifact, register_method, METHODS
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bench.protocol import ProtocolConfig, build_protocol
+from bench.protocol import build_protocol
 from bench.training import Recipe
 from datasets.encoders import get_encoder
 from datasets.features import cache_path, features
