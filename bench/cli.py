@@ -46,6 +46,17 @@ def _limit(text: str) -> tuple[int, int]:
     return vals  # type: ignore[return-value]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    i, slash, n = text.partition("/")
+    try:
+        vals = int(i), int(n)
+    except ValueError:
+        vals = None
+    if not slash or vals is None or vals[1] < 1 or not 0 <= vals[0] < vals[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="vlbench: VL dataset distillation vs coreset selection, one protocol.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-seeds", type=_positive, default=1, help="eval seeds per selection seed (default 1)")
     r.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
     r.add_argument("--force", action="store_true", help="redo finished cells")
+    r.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local: cells one after another here (default); ray: each cell a Ray task (requirements-ray.txt)")
+    r.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="Ray cluster to join (default: start a local instance, or $RAY_ADDRESS)")
+    r.add_argument("--ray-cpus", type=_positive, default=1, help="CPUs (torch threads) per Ray task (default 1)")
+    r.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="run only cells at plan positions k with k %% N == I (SLURM arrays); every cell in exactly one shard")
 
-    ex = sub.add_parser("experts", help="build (or resume) the expert trajectories the distillation methods use")
+    ex = sub.add_parser("experts", help="build (or resume) the expert trajectories the distillation methods use "
+                        "(and forgetting's statistics)")
     _protocol_args(ex)
-    ex.add_argument("--methods", default="distill", help="distillation methods whose experts to build (default: distill)")
+    ex.add_argument("--methods", default="distill", help="methods whose shared caches to build: distillation methods' "
+                    "experts, forgetting's statistics (default: distill)")
 
     rep = sub.add_parser("report", help="tables and plots from stored results")
     rep.add_argument("--out", type=Path, default=Path("runs"))
@@ -73,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list methods, datasets or encoders")
     ls.add_argument("what", choices=("methods", "datasets", "encoders"))
     ls.add_argument("pattern", nargs="?", default="*")
+
+    rg = sub.add_parser("regress", help="run the small fixed regression grid and compare it with the committed baseline")
+    rg.add_argument("--config", default="auto", help="regression configuration: auto (flickr8k-small when ../shared "
+                    "has Flickr8k, synthetic-small otherwise), flickr8k-small, synthetic-small")
+    rg.add_argument("--update", action="store_true", help="write a new baseline (bench/baselines/NAME.json) for review")
+    rg.add_argument("--reuse", action="store_true", help="check the last regression run's stored cells without rerunning")
+    rg.add_argument("--out", type=Path, default=Path("runs/regress"), help="where the regression grid's cells go")
+    rg.add_argument("--cache-dir", type=Path, default=None)
 
     ev = sub.add_parser("evaluate", help="score a saved artifact (a method's set) under its protocol")
     ev.add_argument("--artifact", type=Path, required=True)
@@ -88,6 +116,8 @@ def _protocol_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--data-root", default=None, help="folder holding the dataset's caption file and images")
     r.add_argument("--test-split", default="test", choices=("test", "val"), help="score on test, or on val while developing")
     r.add_argument("--cut", default="heads", choices=("heads", "pixels"), help="where the student's trainable part starts")
+    r.add_argument("--image-size", type=_positive, default=None, metavar="N",
+                   help="pixels cut: input resolution of the trainable image tower (default 224)")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--cache-dir", type=Path, default=None, help="feature/expert cache (default $VLBENCH_CACHE or ~/.cache/vlbench)")
     r.add_argument("--limit", type=_limit, default=None, metavar="N_TRAIN,N_EVAL", help="use only the first images of each split")
@@ -117,6 +147,12 @@ def _apply_sets(args) -> tuple[object, object, dict]:
             target[name] = parse_value(value, fields[name].type, key)
         else:
             methods.setdefault(scope, {})[name] = value
+    if "cut" in student:
+        raise BenchError("set the cut with --cut heads|pixels, not --set student.cut")
+    if args.image_size is not None:
+        if student.get("image_size", args.image_size) != args.image_size:
+            raise BenchError(f"--image-size {args.image_size} contradicts --set student.image_size={student['image_size']}")
+        student["image_size"] = args.image_size
     return StudentConfig(cut=args.cut, **student), Recipe(**recipe), methods
 
 
@@ -127,8 +163,8 @@ def _protocol_config(args):
         import torch
         if not torch.cuda.is_available():
             raise BenchError("--device cuda was asked for, but torch sees no CUDA device here")
-    if args.cut != "heads":
-        raise BenchError(f"cut {args.cut!r} is not available yet; available: heads")
+    elif args.device != "cpu":
+        raise BenchError(f"unknown --device {args.device!r}; available: cpu, cuda, cuda:N")
     student, recipe, method_opts = _apply_sets(args)
     pcfg = ProtocolConfig(dataset=args.dataset, data_root=args.data_root, test_split=args.test_split, limit=args.limit,
                           image_encoder=args.image_encoder, text_encoder=args.text_encoder, student=student, recipe=recipe)
@@ -140,7 +176,7 @@ def cmd_experts(args) -> int:
     from bench.trajectories import ExpertBuffer
     from datasets.features import default_cache_dir
     from methods import METHODS
-    from methods.base import method_config
+    from methods.base import MethodContext, method_config, prepare
 
     pcfg, method_opts = _protocol_config(args)
     protocol = build_protocol(pcfg, args.cache_dir, args.device)
@@ -149,6 +185,10 @@ def cmd_experts(args) -> int:
         cls = METHODS.get(name)
         cfg = method_config(cls, method_opts.get(name, {}))
         if not hasattr(cfg, "experts"):
+            if hasattr(cls, "prepare"):  # another shared cache (forgetting's statistics): build it here too
+                prepare(cls(cfg), MethodContext(protocol, args.cache_dir, args.device))
+                print(f"{name}: cached statistics ready under {args.cache_dir or default_cache_dir()}")
+                seen.add(name)
             continue
         ecfg = cfg.experts()
         if ecfg in seen:
@@ -158,20 +198,24 @@ def cmd_experts(args) -> int:
         print(f"{name}: {ecfg.n_experts} experts x {ecfg.epochs} epochs ready in {buf.dir} "
               f"({buf.disk_bytes() / 2**20:.1f} MiB)")
     if not seen:
-        raise BenchError(f"no distillation method among {args.methods!r}; nothing to build")
+        raise BenchError(f"no distillation method (or forgetting) among {args.methods!r}; nothing to build")
     return 0
 
 
 def cmd_run(args) -> int:
-    from bench.runner import RunConfig, execute
+    from bench.runner import ExecutorConfig, RunConfig, execute
 
+    if args.executor != "ray" and (args.ray_address is not None or args.ray_cpus != 1):
+        raise BenchError("--ray-address and --ray-cpus need --executor ray")
     pcfg, method_opts = _protocol_config(args)
     run = RunConfig(protocol=pcfg, methods=args.methods, budgets=args.ipc, seeds=args.seeds, eval_seeds=args.eval_seeds,
                     out=args.out, force=args.force, device=args.device, cache_dir=args.cache_dir,
-                    method_options=method_opts, argv=sys.argv)
+                    method_options=method_opts, argv=sys.argv, shard=args.shard,
+                    executor=ExecutorConfig(kind=args.executor, address=args.ray_address, cpus_per_task=args.ray_cpus))
     _, recs = execute(run)
     failed = [r for r in recs if r.get("status") != "ok"]
-    print(f"{len(recs) - len(failed)} cells ok, {len(failed)} failed; results in {args.out}/cells "
+    part = f"shard {args.shard[0]}/{args.shard[1]}: " if args.shard else ""
+    print(f"{part}{len(recs) - len(failed)} cells ok, {len(failed)} failed; results in {args.out}/cells "
           f"(python -m bench report --out {args.out})")
     return 1 if failed else 0
 
@@ -239,7 +283,37 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "experts": cmd_experts, "report": cmd_report, "status": cmd_status, "list": cmd_list, "evaluate": cmd_evaluate}
+def cmd_regress(args) -> int:
+    from bench import regress
+    from bench.manifest import manifest
+    from methods import METHODS
+
+    cfg = regress.get_config(args.config)
+    if cfg.data_root and not Path(cfg.data_root).exists():
+        raise BenchError(f"regression configuration {cfg.name} needs {cfg.data_root}; use --config synthetic-small")
+    out = Path(args.out) / cfg.name
+    if args.reuse:
+        from bench.protocol import ProtocolConfig, build_protocol
+        pcfg = ProtocolConfig(dataset=cfg.dataset, data_root=cfg.data_root, test_split=cfg.test_split, limit=cfg.limit)
+        pid = build_protocol(pcfg, args.cache_dir, log=None).id
+        summary = regress.summarise(pid, regress.load_cells(out, pid, cfg))
+    else:
+        summary = regress.run_grid(cfg, out, args.cache_dir)
+    path = regress.baseline_path(cfg.name)
+    if args.update:
+        regress.write_baseline(path, regress.make_baseline(cfg, summary, manifest("cpu", sys.argv)))
+        print(f"baseline written to {path}: review it (git diff) and commit it")
+        return 0
+    rows, findings = regress.check(summary, regress.read_baseline(path), METHODS.select("distill"))
+    text, passed = regress.report(rows, findings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "regress.txt").write_text(text + "\n")
+    print(f"regression check {cfg.name} against {path}:")
+    print(text)
+    return 0 if passed else 1
+
+
+COMMANDS = {"run": cmd_run, "regress": cmd_regress, "experts": cmd_experts, "report": cmd_report, "status": cmd_status, "list": cmd_list, "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

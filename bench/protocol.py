@@ -10,6 +10,14 @@ choose anything.
 
 Inputs at the cut are the cached frozen features, standardised per dimension with the mean and std
 of the train split (fixed by the dataset and encoders, so part of the protocol).
+
+Under the ``pixels`` cut the image side of every split holds the images themselves (``uint8
+[N, 3, S, S]`` from the pixel cache; the student's tower normalises them, and standardises its
+output features with the pretrained tower's train-split mean and std, the analogue of the heads
+cut's standardised inputs), the text side the standardised frozen text features as under ``heads``. The frozen image features stay available in
+``feature_splits`` (what the coresets select on). Under ``heads`` ``feature_splits`` is ``splits``.
+Training and scoring run on ``device`` (``build_protocol(..., device=)``); inputs stay on the CPU
+and move batch by batch.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from datasets.base import CaptionDataset, identity_hash
 
 METRIC_VERSION = "recall-v1-ties-against"  # see bench/retrieval.py
 INPUT_VERSION = "standardise-train-v1"
+PIXEL_INPUT_VERSION = "pixels-v1"  # pixels cut: images from datasets/pixels.py, normalised by the tower
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,22 @@ class CutSplit:
 
 class Protocol:
     def __init__(self, cfg: ProtocolConfig, dataset: CaptionDataset, feats: dict[str, tuple[np.ndarray, np.ndarray]],
-                 encoder_keys: dict[str, str]):
-        self.cfg, self.dataset, self.encoder_keys = cfg, dataset, encoder_keys
+                 encoder_keys: dict[str, str], pixels: Optional[dict[str, np.ndarray]] = None, tower=None,
+                 device: str = "cpu"):
+        self.cfg, self.dataset, self.encoder_keys, self.device = cfg, dataset, encoder_keys, device
         tr_img, tr_txt = (torch.from_numpy(a.astype(np.float32)) for a in feats["train"])
         self._stats = {m: (x.mean(0), x.std(0).clamp(min=1e-6)) for m, x in (("image", tr_img), ("text", tr_txt))}
-        self.splits = {s: self._cut(s, *feats[s]) for s in feats}
-        self.id = identity_hash(dataset.identity, dataset.test_split, encoder_keys, dataclasses.asdict(cfg.student),
-                                dataclasses.asdict(cfg.recipe), METRIC_VERSION, INPUT_VERSION)[:12]
+        self.feature_splits = {s: self._cut(s, *feats[s]) for s in feats}
+        self.splits, self.tower, pixel_parts = self.feature_splits, None, ()
+        if cfg.student.cut == "pixels":
+            if tower is None or pixels is None:
+                raise BenchError("the pixels cut needs the pixel splits and the image tower (use build_protocol)")
+            self.tower = tower
+            self.splits = {s: CutSplit(torch.from_numpy(np.ascontiguousarray(pixels[s])), f.text, f.caption_image)
+                           for s, f in self.feature_splits.items()}
+            pixel_parts = (PIXEL_INPUT_VERSION, tower.key)
+        self.id = identity_hash(dataset.identity, dataset.test_split, encoder_keys, cfg.student.identity(),
+                                dataclasses.asdict(cfg.recipe), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
 
     def _cut(self, split, img, txt) -> CutSplit:
         def std(m, a):
@@ -83,16 +101,32 @@ class Protocol:
     def test(self) -> CutSplit:
         return self.splits["test"]
 
+    @property
+    def features_train(self) -> CutSplit:
+        """The train split as frozen features (both cuts): what feature-based coresets select on."""
+        return self.feature_splits["train"]
+
+    def image_inputs(self, image: torch.Tensor) -> torch.Tensor:
+        """A float32 copy of images at the cut: features, or pixels normalised by the tower."""
+        if self.tower is not None:
+            return self.tower.normalise(image).clone()
+        return image.clone()
+
     def describe(self) -> dict:
         c = self.cfg
+        inputs = INPUT_VERSION if self.tower is None else f"{INPUT_VERSION}+{PIXEL_INPUT_VERSION}:{self.tower.key}"
         return {"id": self.id, "dataset": c.dataset, "dataset_identity": self.dataset.identity,
                 "test_split": self.dataset.test_split, "limit": list(c.limit) if c.limit else None,
                 "image_encoder": self.encoder_keys["image"], "text_encoder": self.encoder_keys["text"],
-                "cut": c.student.cut, "student": dataclasses.asdict(c.student), "recipe": dataclasses.asdict(c.recipe),
-                "metric": METRIC_VERSION, "inputs": INPUT_VERSION, "splits": self.dataset.summary()}
+                "cut": c.student.cut, "student": c.student.identity(), "recipe": dataclasses.asdict(c.recipe),
+                "metric": METRIC_VERSION, "inputs": inputs, "splits": self.dataset.summary()}
 
     def fresh_student(self, seed: int):
-        return build_student(self.cfg.student, self.train.image.shape[1], self.train.text.shape[1], seed)
+        """A fresh student (heads from ``seed``; under pixels a copy of the pretrained tower), on
+        ``self.device``."""
+        s = build_student(self.cfg.student, self.feature_splits["train"].image.shape[1], self.train.text.shape[1],
+                          seed, self.tower)
+        return s.to(self.device) if self.device != "cpu" else s
 
     def score(self, student) -> dict[str, float]:
         ie, te = embed(student, self.test.image, self.test.text)
@@ -105,7 +139,7 @@ class Protocol:
         out = []
         for seed in seeds:
             t0 = time.time()
-            student = self.fresh_student(seed)
+            student = self.fresh_student(seed)  # on self.device; batches move there in train_student
             lr = train_student(student, pairs, self.cfg.recipe, seed)
             m = self.score(student)
             out.append({"seed": seed, "lr": lr, **m, "train_s": round(time.time() - t0, 2)})
@@ -122,8 +156,18 @@ def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log
 
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit)
     ds.split("train"), ds.split("test")
+    tower = None
+    if cfg.student.cut == "pixels":  # fail early (no weights, unknown name) before any feature is computed
+        from bench.towers import load_tower
+        tower = load_tower(cfg.image_encoder, cfg.student.image_size)
     encs = {"image": get_encoder(cfg.image_encoder, "image"), "text": get_encoder(cfg.text_encoder, "text")}
     feats = {}
     for split in ("train", "test") + (("val",) if ds.test_split != "val" and "val" in ds.splits and ds.splits["val"].n_images else ()):
         feats[split] = tuple(features(ds, split, encs[m], cache_dir, device, log) for m in ("image", "text"))
-    return Protocol(cfg, ds, feats, {m: e.key for m, e in encs.items()})
+    pix = None
+    if tower is not None:
+        from datasets.pixels import pixels, tower_stats
+        pix = {s: pixels(ds, s, cfg.student.image_size, cache_dir, log) for s in feats}
+        tower = tower.to(device)
+        tower.standardise_outputs(*tower_stats(ds, tower, pix["train"], cache_dir, log))
+    return Protocol(cfg, ds, feats, {m: e.key for m, e in encs.items()}, pix, tower, device)

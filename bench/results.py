@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,8 @@ def artifact_path(out: Path, protocol_id: str, method: str, budget: Optional[int
 
 def atomic_write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # host and pid in the temporary name: shards on several machines may write one file (the grid) at once
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=str)
         f.flush()

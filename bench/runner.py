@@ -5,6 +5,13 @@ eval seeds with the protocol, and write the cell's JSON at once (atomically). A 
 matching key is skipped unless ``force``; a cell that raises is recorded as failed with its error and
 the grid goes on; an interrupt loses at most the cell in progress.
 
+A cell is computed (``compute_cell``: record + artifact, nothing written) and then stored
+(``store_cell``: the artifact and the cell JSON, atomically) by the driver, whichever executor
+computed it (``bench/executors.py``: ``local``, one after another in this process, or ``ray``). Before
+any cell runs, each selected method's optional ``prepare(ctx)`` hook builds its shared intermediates
+(expert buffers, forgetting statistics) once, so cells only read them. ``shard=(i, n)`` runs the
+cells at plan positions k with k % n == i (every shard still records the whole grid for `status`).
+
 Seeds: ``seeds = N`` gives selection seeds 0..N-1; the cell with selection seed s is scored under
 eval seeds ``s + N*j`` for j < ``eval_seeds`` (default 1). So the std over a method's runs includes
 selection variance as well as training variance. The full-data reference has no selection: one cell
@@ -13,6 +20,7 @@ scored under eval seeds 0..N-1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -27,7 +35,17 @@ from bench.manifest import manifest
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_json
 from methods import METHODS, MethodContext
-from methods.base import method_config
+from methods.base import Artifact, config_key, method_config, prepare
+
+
+@dataclass
+class ExecutorConfig:
+    """Where cells run: ``local`` (one after another in this process; the default) or ``ray`` (each
+    cell a Ray task; see ``bench/executors.py``)."""
+    kind: str = "local"
+    address: Optional[str] = None  # ray: None = a new local instance (or $RAY_ADDRESS); "auto"; "HOST:PORT"
+    cpus_per_task: int = 1  # ray: CPUs (and torch threads) per cell; one GPU per cell with device cuda
+    max_retries: int = 1  # ray: reruns of a cell whose worker process or node died (not of a cell that raised)
 
 
 @dataclass
@@ -43,6 +61,8 @@ class RunConfig:
     cache_dir: Optional[Path] = None
     method_options: dict[str, dict[str, str]] = field(default_factory=dict)
     argv: Optional[list[str]] = None
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    shard: Optional[tuple[int, int]] = None  # (i, n): only the cells at plan positions k with k % n == i
 
 
 @dataclass
@@ -84,55 +104,166 @@ def _config(name: str, run: RunConfig):
     return method_config(METHODS.get(name), run.method_options.get(name, {}))
 
 
-def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
+@dataclass
+class CellResult:
+    """A computed cell, not yet stored: its JSON record and the artifact to save with it (if any)."""
+    record: dict
+    artifact: Optional[Artifact] = None
+    artifact_meta: Optional[dict] = None
+
+
+def key_of(cell: Cell, protocol_id: str) -> str:
+    return cell_key(protocol_id, cell.method, config_key(cell.config), cell.budget, cell.selection_seed,
+                    cell.eval_seeds)
+
+
+def error_message(e: BaseException) -> str:
+    return f"not applicable: {e}" if isinstance(e, NotApplicable) else f"{type(e).__name__}: {e}"
+
+
+def _record(cell: Cell, protocol: Protocol, run: RunConfig) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "key": key_of(cell, protocol.id), "protocol_id": protocol.id,
+            "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
+            "method_group": METHODS.get(cell.method).group, "method_config": dataclasses.asdict(cell.config),
+            "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
+            "manifest": manifest(run.device, run.argv)}
+
+
+def failed_result(cell: Cell, protocol: Protocol, run: RunConfig, error: str, tb: str, seconds: float) -> CellResult:
+    """The record of a cell that failed (an exception, a failed ``prepare``, a worker that died)."""
+    rec = _record(cell, protocol, run)
+    rec.update(status="failed", error=error, traceback=tb, timings={"failed_after_s": round(seconds, 2)})
+    return CellResult(rec)
+
+
+def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> CellResult:
+    """Build the method's set and score it; write nothing (``store_cell`` does). A cell that raises
+    gives a failed record (and the artifact, when it was built before the failure)."""
     cls = METHODS.get(cell.method)
-    cfg_dict = dataclasses.asdict(cell.config)
-    key = cell_key(protocol.id, cell.method, cfg_dict, cell.budget, cell.selection_seed, cell.eval_seeds)
-    path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
-    if not run.force and is_done(path, key):
-        log(f"skip  {cell.label}: done")
-        return read_json(path)
+    rec = _record(cell, protocol, run)
     log(f"run   {cell.label}")
-    rec = {"schema_version": SCHEMA_VERSION, "key": key, "protocol_id": protocol.id, "protocol": protocol.describe(),
-           "dataset": protocol.cfg.dataset, "method": cell.method, "method_group": cls.group, "method_config": cfg_dict,
-           "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
-           "manifest": manifest(run.device, run.argv)}
     t0 = time.time()
+    art = meta = None
     try:
         ctx = MethodContext(protocol, run.cache_dir, run.device, log)
-        art = cls(cell.config).build(ctx, cell.budget, cell.selection_seed)
-        art.validate(protocol, cell.budget)
+        built = cls(cell.config).build(ctx, cell.budget, cell.selection_seed)
+        built.validate(protocol, cell.budget)
         t1 = time.time()
         apath = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
-        if art.kind != "full":
-            art.save(apath, {k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
-                     | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": art.storage_bytes(protocol)})
-        per_seed = protocol.evaluate(art.pairs(protocol), cell.eval_seeds, log)
+        if built.kind != "full":
+            art = built
+            meta = ({k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
+                    | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": built.storage_bytes(protocol)})
+        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log)
         metrics = {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s")}
-        rec.update(status="ok", n_pairs=len(art) if art.kind != "full" else len(protocol.train.text),
-                   storage_bytes=art.storage_bytes(protocol), learned_lr=art.lr, metrics_per_seed=per_seed,
+        rec.update(status="ok", n_pairs=len(built) if built.kind != "full" else len(protocol.train.text),
+                   storage_bytes=built.storage_bytes(protocol), learned_lr=built.lr, metrics_per_seed=per_seed,
                    metrics_mean={k: float(np.mean(v)) for k, v in metrics.items()},
-                   artifact=str(apath) if art.kind != "full" else None, info=art.info,
+                   artifact=str(apath) if built.kind != "full" else None, info=built.info,
                    timings={"build_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
         m = rec["metrics_mean"]
         log(f"done  {cell.label}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f} ({time.time() - t0:.1f} s)")
     except KeyboardInterrupt:
         raise
     except Exception as e:  # the cell fails, the grid goes on
-        msg = f"not applicable: {e}" if isinstance(e, NotApplicable) else f"{type(e).__name__}: {e}"
+        msg = error_message(e)
         rec.update(status="failed", error=msg, traceback=traceback.format_exc(), timings={"failed_after_s": round(time.time() - t0, 2)})
         log(f"FAIL  {cell.label}: {msg}")
-    atomic_write_json(path, rec)
-    return rec
+    return CellResult(rec, art, meta)
+
+
+def store_cell(result: CellResult, out: Path) -> dict:
+    """Write a computed cell: its artifact (if any), then its JSON, each atomically."""
+    r = result.record
+    where = (r["protocol_id"], r["method"], r["budget"], r["selection_seed"])
+    if result.artifact is not None:
+        result.artifact.save(artifact_path(out, *where), result.artifact_meta)
+    atomic_write_json(cell_path(out, *where), r)
+    return r
+
+
+def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
+    """One cell in this process: skip it when done (unless ``force``), else compute and store it."""
+    path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
+    if not run.force and is_done(path, key_of(cell, protocol.id)):
+        log(f"skip  {cell.label}: done")
+        return read_json(path)
+    return store_cell(compute_cell(cell, protocol, run, log), run.out)
+
+
+def shard_cells(cells: list[Cell], shard: Optional[tuple[int, int]]) -> list[Cell]:
+    """The cells of shard ``(i, n)``: plan positions k with k % n == i (round robin, so each shard
+    gets a share of every method); the n shards together hold every cell exactly once."""
+    if shard is None:
+        return list(cells)
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise BenchError(f"shard {i}/{n} is not valid: expected I/N with 0 <= I < N (e.g. 0/4)")
+    return [c for k, c in enumerate(cells) if k % n == i]
+
+
+def _prepare_group(cell: Cell) -> tuple[str, str]:
+    return cell.method, json.dumps(dataclasses.asdict(cell.config), sort_keys=True, default=str)
+
+
+def prepare_methods(cells: list[Cell], protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
+    """Call each method's optional ``prepare(ctx)`` once per (method, config) among ``cells``, here in
+    the driver and before any cell runs, so shared intermediates (expert buffers, forgetting
+    statistics) are built once and never by two workers at a time. Returns ``{(method, config):
+    (error, traceback)}`` for hooks that failed; their cells are recorded as failed."""
+    failures, seen = {}, set()
+    for c in cells:
+        k = _prepare_group(c)
+        if k in seen:
+            continue
+        seen.add(k)
+        try:
+            prepare(METHODS.get(c.method)(c.config), MethodContext(protocol, run.cache_dir, run.device, log))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            failures[k] = (error_message(e), traceback.format_exc())
+            log(f"FAIL  prepare {c.method}: {failures[k][0]}")
+    return failures
 
 
 def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]]:
-    protocol = build_protocol(run.protocol, run.cache_dir, run.device, log)
-    cells = plan(run, protocol.train.n_images)
-    atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
-                      {"protocol_id": protocol.id, "protocol": protocol.describe(),
-                       "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
-                                  "key": cell_key(protocol.id, c.method, dataclasses.asdict(c.config), c.budget,
-                                                  c.selection_seed, c.eval_seeds)} for c in cells]})
-    log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), {len(cells)} cells -> {run.out}")
-    return protocol, [run_cell(c, protocol, run, log) for c in cells]
+    """Plan the grid, record it, and run this shard's cells that are not done with the configured
+    executor; the driver (this process) stores every result as it arrives. Returns the protocol and
+    the records of this shard's cells, in plan order."""
+    from bench.executors import make_executor
+
+    with make_executor(run.executor, log) as executor:  # fails early (one line) when Ray is missing or unreachable
+        protocol = build_protocol(run.protocol, run.cache_dir, run.device, log)
+        cells = plan(run, protocol.train.n_images)
+        mine = shard_cells(cells, run.shard)
+        atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
+                          {"protocol_id": protocol.id, "protocol": protocol.describe(),
+                           "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
+                                      "key": key_of(c, protocol.id)} for c in cells]})
+        part = f" (shard {run.shard[0]}/{run.shard[1]}: {len(mine)} of them)" if run.shard else ""
+        log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), "
+            f"{len(cells)} cells{part} -> {run.out}")
+        recs: dict[int, dict] = {}
+        todo = []
+        for k, c in enumerate(mine):
+            path = cell_path(run.out, protocol.id, c.method, c.budget, c.selection_seed)
+            if not run.force and is_done(path, key_of(c, protocol.id)):
+                log(f"skip  {c.label}: done")
+                recs[k] = read_json(path)
+            else:
+                todo.append((k, c))
+        failures = prepare_methods([c for _, c in todo], protocol, run, log)
+        index = {id(c): k for k, c in todo}
+        runnable = []
+        for k, c in todo:
+            if _prepare_group(c) in failures:
+                recs[k] = store_cell(failed_result(c, protocol, run, *failures[_prepare_group(c)], 0.0), run.out)
+            else:
+                runnable.append(c)
+
+        def store(cell: Cell, result: CellResult) -> None:
+            recs[index[id(cell)]] = store_cell(result, run.out)
+
+        executor.run(runnable, protocol, run, store)
+    return protocol, [recs[k] for k in range(len(mine))]

@@ -12,6 +12,9 @@ evaluation: SGD, momentum 0.9, weight decay 5e-4, batch 64). The step size follo
 
 Batches are drawn from a generator seeded by the eval seed only, so the same seed gives the same
 numbers; the last partial batch of an epoch is used (dropped only if it holds a single pair).
+
+Under the ``pixels`` cut the student's tower trains too, at ``lr * student.tower_lr_scale``
+(``Student.param_groups``). Batches move to the device the student is on.
 """
 from __future__ import annotations
 
@@ -71,7 +74,9 @@ def train_student(student: Student, pairs: PairSet, recipe: Recipe, seed: int,
 
 def _train(student, pairs, recipe, seed, on_epoch) -> float:
     lr = recipe.step_size(pairs.lr)
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    groups = student.param_groups(lr) if hasattr(student, "param_groups") else student.parameters()
+    opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    dev = next(student.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(pairs), min(recipe.batch_size, len(pairs))
     temp = student.cfg.temperature
@@ -84,7 +89,7 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
             j = order[s:s + bs]
             if len(j) < 2:  # a last batch of one pair has no negatives
                 continue
-            img, txt = student(pairs.image[pairs.pair_image[j]], pairs.text[j])
+            img, txt = student(pairs.image[pairs.pair_image[j]].to(dev), pairs.text[j].to(dev))
             loss = contrastive_loss(img, txt, temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -99,7 +104,11 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
 
 @torch.no_grad()
 def embed(student: Student, image: torch.Tensor, text: torch.Tensor, batch: int = 4096):
+    """L2-normalised embeddings (on the CPU) of images and texts at the cut, in batches (images
+    through a tower in batches of ``student.image_batch``)."""
     student.eval()
-    ie = torch.cat([student.embed_image(image[s:s + batch]) for s in range(0, len(image), batch)])
-    te = torch.cat([student.embed_text(text[s:s + batch]) for s in range(0, len(text), batch)])
+    dev = next(student.parameters()).device
+    ib = min(batch, getattr(student, "image_batch", batch))
+    ie = torch.cat([student.embed_image(image[s:s + ib].to(dev)).cpu() for s in range(0, len(image), ib)])
+    te = torch.cat([student.embed_text(text[s:s + batch].to(dev)).cpu() for s in range(0, len(text), batch)])
     return ie, te

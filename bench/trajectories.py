@@ -3,7 +3,10 @@
 An expert is the protocol's student trained on the full train split; its *trainable* parameters are
 saved after every epoch (and at initialisation) as one float16 matrix ``[epochs + 1, n_params]``.
 Under LoRA matching only the adapters train (the base weights stay at a fixed, seeded
-initialisation), and only the adapters are saved.
+initialisation), and only the adapters are saved. Under the ``pixels`` cut an expert trains the
+pretrained tower and the heads (the tower at ``student.tower_lr_scale`` times the expert step size);
+with LoRA the adapters sit on the tower (pretrained base) and the heads, new layers, train fully.
+Experts train on the protocol's device; buffers are stored on the CPU.
 
 Buffers are cached under ``<cache>/experts/<key>/``, where the key covers the dataset identity, the
 encoders, the cut and student, and the expert recipe (not the eval recipe, which experts never use).
@@ -51,34 +54,71 @@ def flatten(params) -> torch.Tensor:
 
 
 def unflatten(flat: torch.Tensor, spec: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for name, shape in spec:
-        n = int(torch.Size(shape).numel())
-        out[name] = flat[i:i + n].view(shape)
-        i += n
+    """Views of ``flat`` shaped by ``spec``. One ``split`` (not one slice per tensor): its backward
+    is a single concatenation, where per-tensor slices each materialise a zero vector of the full
+    length (quadratic: 73% of a pixel-tower step's CPU time with its 100 parameter tensors)."""
+    sizes = [int(torch.Size(shape).numel()) for _, shape in spec]
+    return {name: part.view(shape) for (name, shape), part in zip(spec, torch.split(flat, sizes))}
+
+
+def lora_targets(module: torch.nn.Module, prefix: str = "") -> list[str]:
+    """Names of the submodules peft LoRA can wrap: linears, ungrouped convolutions (peft needs the
+    rank divisible by the groups, so depthwise convolutions stay as they are) and attention modules
+    (targeted whole: a LoRA on ``out_proj`` alone is ignored or fails, see REFERENCE.md)."""
+    mods = dict(module.named_modules(prefix=prefix))
+    attn = [n for n, m in mods.items() if isinstance(m, torch.nn.MultiheadAttention)]
+    out = []
+    for n, m in mods.items():
+        if any(n.startswith(a + ".") for a in attn):
+            continue
+        if type(m) is torch.nn.Conv2d and m.groups == 1 or isinstance(m, (torch.nn.Linear, torch.nn.MultiheadAttention)):
+            out.append(n)
     return out
 
 
 def make_lora_student(student: Student, cfg: ExpertConfig) -> torch.nn.Module:
-    """Wrap the student's heads with peft LoRA adapters; only the adapters train. The base weights
-    are the student's own (fixed by ``cfg.base_seed`` when built by ``expert_student``)."""
+    """Wrap the student with peft LoRA adapters. Heads cut: adapters on the heads, only they train
+    (base weights fixed by ``cfg.base_seed`` when built by ``expert_student``). Pixels cut: adapters
+    on the pretrained tower (``lora_targets``); the heads, new and randomly initialised, train fully."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
+    if getattr(student, "tower", None) is None:
+        targets = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
+    else:
+        targets = lora_targets(student.tower, "tower")
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets,
                       lora_dropout=0.0, bias="none")
-    return get_peft_model(student, lcfg)
+    model = get_peft_model(student, lcfg)
+    if getattr(student, "tower", None) is not None:
+        for head in (student.image_head, student.text_head):
+            head.requires_grad_(True)
+    return model
 
 
 def expert_student(protocol, cfg: ExpertConfig, seed: int) -> torch.nn.Module:
     """The model an expert (or the unrolled student) trains: the protocol's student, or, under LoRA,
-    the student with base weights from ``base_seed`` and fresh adapters from ``seed``."""
+    the student with base weights from ``base_seed`` and fresh adapters from ``seed`` (pixels cut:
+    the pretrained tower as base, heads and adapters from ``seed``)."""
     if cfg.lora_rank <= 0:
         return protocol.fresh_student(seed)
-    base = protocol.fresh_student(cfg.base_seed)
+    pixels = protocol.cfg.student.cut == "pixels"
+    base = protocol.fresh_student(seed if pixels else cfg.base_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make_lora_student(base, cfg)
+
+
+def in_tower(name: str) -> bool:
+    """Whether a parameter name (plain or peft-wrapped) belongs to the pixels cut's image tower."""
+    return ".tower." in f".{name}"
+
+
+def tower_lr_scale(params, scale: float) -> "torch.Tensor | None":
+    """Per-parameter step scale over the flat vector of ``params`` (``trainable(model)``): ``scale``
+    for tower parameters, 1 elsewhere; ``None`` when ``scale`` is 1."""
+    if scale == 1.0:
+        return None
+    return torch.cat([torch.full((p.numel(),), scale if in_tower(n) else 1.0) for n, p in params])
 
 
 class ExpertBuffer:
@@ -130,12 +170,19 @@ def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
     """Train one expert on all train pairs; return its per-epoch trainable parameters (float16)."""
     model = expert_student(protocol, cfg, seed)
     params = trainable(model)
-    opt = torch.optim.SGD([p for _, p in params], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scale = protocol.cfg.student.tower_lr_scale if protocol.cfg.student.cut == "pixels" else 1.0
+    if scale == 1.0:
+        groups = [{"params": [p for _, p in params]}]
+    else:
+        groups = [{"params": [p for n, p in params if in_tower(n)], "lr": cfg.lr * scale},
+                  {"params": [p for n, p in params if not in_tower(n)]}]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    dev = next(model.parameters()).device
     pairs = protocol.train.all_pairs()
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(pairs), min(cfg.batch_size, len(pairs))
     temp = protocol.cfg.student.temperature
-    snaps = [flatten(params).half()]
+    snaps = [flatten(params).half().cpu()]
     model.train()
     with torch.random.fork_rng(devices=[]), progress(total=cfg.epochs, desc=f"expert seed {seed}", unit="ep") as bar:
         torch.manual_seed(seed)
@@ -143,11 +190,11 @@ def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
             order = torch.randperm(n, generator=gen)
             for s in range(0, n - bs + 1, bs):
                 j = order[s:s + bs]
-                img, txt = model(pairs.image[pairs.pair_image[j]], pairs.text[j])
+                img, txt = model(pairs.image[pairs.pair_image[j]].to(dev), pairs.text[j].to(dev))
                 loss = contrastive_loss(img, txt, temp)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            snaps.append(flatten(params).half())
+            snaps.append(flatten(params).half().cpu())
             bar.update(1)
     return {"params": torch.stack(snaps), "spec": [(n_, tuple(p.shape)) for n_, p in params], "seed": seed}

@@ -22,11 +22,11 @@ N, D_IMG, D_TXT, BUDGET = 30_000, 1280, 384, 1000
 @pytest.fixture(scope="module")
 def protocol():
     g = torch.Generator().manual_seed(0)
-    return SimpleNamespace(train=CutSplit(torch.randn(N, D_IMG, generator=g), torch.randn(N, D_TXT, generator=g),
-                                          torch.arange(N)))
+    split = CutSplit(torch.randn(N, D_IMG, generator=g), torch.randn(N, D_TXT, generator=g), torch.arange(N))
+    return SimpleNamespace(train=split, features_train=split)  # heads cut: the inputs are the features
 
 
-@pytest.mark.benchmark
+@pytest.mark.benchmark(group="coresets")
 @pytest.mark.parametrize("name", ["herding", "kcenter"])
 def test_bench_coreset_30k_budget_1000(benchmark, protocol, name):
     cls = METHODS.get(name)

@@ -7,6 +7,11 @@ distinct) or a *synthetic* set (tensors at the cut, plus learned extras such as 
 Register a method with ``@register_method(name, group)`` on a class that has a ``Config`` dataclass
 and ``build(ctx, budget, seed) -> Artifact``. Groups: ``coreset``, ``distill``; ``reference`` (the
 full-data row, never in ``all``); ``test`` (tiny CI variants, never in ``all``).
+
+Optional hook: ``prepare(ctx)`` builds what the method's cells share and cache on disk (expert
+buffers, full-data training statistics). The runner calls it once per (method, config), in the
+driver, before any cell runs, so cells (possibly on many workers at once) only read those caches.
+Without it there is nothing to prepare.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ class MethodContext:
 class Artifact:
     kind: str  # "selected", "synthetic" or "full"
     indices: Optional[np.ndarray] = None  # selected: caption indices into the train split
-    image: Optional[torch.Tensor] = None  # synthetic: image side at the cut [n, d_image]
+    image: Optional[torch.Tensor] = None  # synthetic: image side at the cut [n, d_image] (pixels: [n, 3, S, S] normalised)
     text: Optional[torch.Tensor] = None  # synthetic: text side at the cut [n, d_text]
     lr: Optional[float] = None  # learned step size, if any (counts in storage)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other learned tensors (count in storage)
@@ -71,7 +76,7 @@ class Artifact:
     def storage_bytes(self, protocol) -> int:
         """Bytes to store the set at the cut: every pair's inputs as float32, plus every learned
         extra (step size, adapters, ...), so that budgets can be compared by storage."""
-        d = protocol.train.image.shape[1] + protocol.train.text.shape[1]
+        d = protocol.train.image[0].numel() + protocol.train.text.shape[1]  # pixels cut: 3 x S x S values per image
         n = len(protocol.train.text) if self.kind == "full" else len(self)
         extra = (1 if self.lr is not None else 0) + sum(t.numel() for t in self.extras.values())
         return int((n * d + extra) * BYTES_PER_VALUE)
@@ -121,6 +126,27 @@ class Artifact:
         art = Artifact(blob["kind"], None if idx is None else idx.numpy(), blob.get("image"), blob.get("text"),
                        blob.get("lr"), blob.get("extras") or {}, meta.get("info", {}))
         return art, meta
+
+
+def prepare(method, ctx: MethodContext) -> None:
+    """Run a method instance's optional ``prepare(ctx)`` hook; without one, nothing to prepare."""
+    hook = getattr(method, "prepare", None)
+    if hook is not None:
+        hook(ctx)
+
+
+OMIT_DEFAULT = {"key": "omit-default"}  # dataclass field metadata, see config_key
+
+
+def config_key(cfg) -> dict:
+    """A method config as hashed into cell keys: ``asdict``, less the fields declared with
+    ``metadata=OMIT_DEFAULT`` while they hold their default. Adding such a field to a method keeps
+    the keys (and so the finished cells) of every run that did not set it."""
+    d = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("key") == "omit-default" and d[f.name] == f.default:
+            d.pop(f.name)
+    return d
 
 
 def method_config(cls, options: dict[str, str]):

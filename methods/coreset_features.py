@@ -10,8 +10,9 @@ the image's captions (the one nearest their centroid), i.e. the least idiosyncra
 
 **Candidate feature** (DESIGN section 7): ``[normalise(image_i), normalise(text_c(i))]``, the
 L2-normalised image feature concatenated with the L2-normalised text feature, both taken from
-``protocol.train`` (the inputs at the cut: frozen encoder features standardised with the train mean
-and std). Every row therefore has squared norm 2.
+``protocol.features_train`` (frozen encoder features standardised with the train mean and std: the
+inputs at the cut under ``heads``; under ``pixels`` the selected images are then used as pixels).
+Every row therefore has squared norm 2.
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ Definition used here.
   when > 0), via ``bench.training.train_student`` with ``seed=train_seed``; the global torch RNG (used
   by dropout in ``mlp`` heads) is also seeded with ``train_seed`` for the run. ``train_seed`` is fixed
   by the config, not by the selection seed, so every budget and selection seed shares one run.
+  Under the ``pixels`` cut this is the pixels student (pretrained tower + heads, trained on the
+  images): the statistics describe the model the protocol trains, at the cost of one full-data
+  training run of the tower (cached per protocol id, like the heads cut's); the cell's info says
+  which (``stats_student``).
 * **Learned**: after each epoch ``e = 1..E`` (not before training), with the student's embeddings
   of the probe pairs, pair ``i`` is *learned* when image ``i`` retrieves caption ``i`` at top-1 among
   the captions of its gallery AND caption ``i`` retrieves image ``i`` at top-1 among its gallery's
@@ -179,6 +183,11 @@ class Forgetting:
             train_student(student, tr.all_pairs(), recipe, seed, on_epoch=on_epoch)
         return learned
 
+    def prepare(self, ctx: MethodContext) -> None:
+        """Compute (or find) the cached statistics once, before any cell: cells then only read them."""
+        tr = ctx.protocol.train
+        self.learned_matrix(ctx, representative_captions(tr.text, tr.caption_image, len(tr.image)))
+
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
         t0 = time.time()
         tr = ctx.protocol.train
@@ -189,7 +198,7 @@ class Forgetting:
         sel = order[:budget]
         events, ever = count_forgetting_events(learned), learned.any(0)
         return Artifact("selected", indices=probe_caps[sel], info={
-            "epochs": int(learned.shape[0]), "stats_cached": cached,
+            "epochs": int(learned.shape[0]), "stats_cached": cached, "stats_student": ctx.protocol.cfg.student.cut,
             "n_never_learned": int((~ever).sum()), "n_forgotten": int((events > 0).sum()),
             "max_events": int(events.max()), "selected_never_learned": int((~ever[sel]).sum()),
             "selected_mean_events": float(events[sel].mean()), "select_s": round(time.time() - t0, 2)})

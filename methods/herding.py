@@ -57,7 +57,7 @@ class Herding:
 
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
         t0 = time.time()
-        x, caps = candidate_features(ctx.protocol.train)
+        x, caps = candidate_features(ctx.protocol.features_train)
         order = herding_order(x, budget)
         mean_gap = float(np.linalg.norm(x[order].mean(0, dtype=np.float64) - x.mean(0, dtype=np.float64)))
         return Artifact("selected", indices=caps[order],

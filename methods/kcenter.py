@@ -70,7 +70,7 @@ class KCenter:
 
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
         t0 = time.time()
-        x, caps = candidate_features(ctx.protocol.train)
+        x, caps = candidate_features(ctx.protocol.features_train)
         start = int(np.random.default_rng(seed).integers(len(x)))
         picked, radii = kcenter_order(x, budget, start)
         return Artifact("selected", indices=caps[picked],

@@ -1,6 +1,8 @@
 """Trajectory-matching distillation of image-text pairs (Wu et al., TMLR 2024, after Cazenavette
-et al. 2022), under the ``heads`` cut: synthetic pairs live at the cut (an image feature and a text
-feature per pair).
+et al. 2022): synthetic pairs live at the cut. Under ``heads``: an image feature and a text feature
+per pair. Under ``pixels``: an image (float pixels in the tower's normalised space, starting from
+real images) and a text feature; the unrolled student holds the pretrained tower, whose parameters
+are part of the matched trajectory (at ``student.tower_lr_scale`` times the step size).
 
 One iteration: pick an expert and a start epoch t < ``max_start_epoch``; start the student at the
 expert's parameters θ*_t; unroll ``syn_steps`` differentiable SGD steps on minibatches of the
@@ -17,6 +19,17 @@ fixed random initialisation from ``base_seed`` (recorded; 4 bytes to regenerate)
 span a rank-r subspace of head updates around it. The protocol's evaluation is unchanged for every
 method (a fresh, fully trainable student), so ``tm_lora`` differs from ``tm`` only in what is matched.
 
+Under ``pixels``, ``tm_lora`` puts the adapters on the pretrained tower (every ungrouped
+convolution and linear; depthwise convolutions stay frozen, peft cannot wrap them) and the heads,
+new layers, train fully; the matched vector is adapters + heads.
+
+**Meta-gradient** (``unroll``, ``bench/unroll.py``): ``naive`` keeps the whole unrolled graph
+(memory grows with ``syn_steps``; the heads cut's default, cheap there); ``exact`` recomputes one step
+at a time backwards from stored parameter vectors (memory flat in ``syn_steps``, same gradients up to
+rounding; the pixels cut's default); ``fd`` does the same without double backward, by central finite
+differences of two gradients (radius ``fd_radius``). ``auto`` picks naive under heads, exact under
+pixels.
+
 Synthetic sets start from random real pairs (distinct images, drawn from the selection seed).
 With ``keep="best"`` (default) the set returned is the one at the lowest 25-iteration mean of the
 matching loss (the method's own objective; no score is looked at): on the synthetic dataset the
@@ -26,18 +39,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from bench.errors import NotApplicable
+from bench.errors import BenchError
 from bench.progress import progress
 from bench.student import contrastive_loss
-from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, unflatten
+from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
+from bench.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
-from methods.base import Artifact, MethodContext, register_method
+from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.random_subset import random_pairs
 
 
@@ -62,6 +76,20 @@ class TMConfig:
     expert_batch: int = 128
     lora_rank: int = 0
     base_seed: int = 12_345
+    # meta-gradient: auto | naive | exact | fd (see the module docstring); left out of cell keys at default
+    unroll: str = field(default="auto", metadata=OMIT_DEFAULT)
+    fd_radius: float = field(default=1e-3, metadata=OMIT_DEFAULT)  # fd: ||ε·μ||, the perturbation length (1e-2..1e-4 fine in fp32)
+
+    def __post_init__(self):
+        if self.unroll != "auto" and self.unroll not in MODES:
+            raise BenchError(f"tm unroll must be auto, {', '.join(MODES)}; not {self.unroll!r}")
+        if not self.fd_radius > 0:
+            raise BenchError(f"tm fd_radius must be positive, not {self.fd_radius}")
+
+    def unroll_mode(self, cut: str) -> str:
+        if self.unroll == "auto":
+            return "naive" if cut == "heads" else "exact"
+        return self.unroll
 
     def experts(self) -> ExpertConfig:
         return ExpertConfig(n_experts=self.n_experts, epochs=self.expert_train_epochs, lr=self.expert_lr,
@@ -84,16 +112,49 @@ def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor
     return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
 
 
+def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.Tensor, target: torch.Tensor,
+                 syn_img: torch.Tensor, syn_txt: torch.Tensor, syn_lr: torch.Tensor, opts: list, *, syn_steps: int,
+                 batch: int, temperature: float, min_lr: float, gen: torch.Generator, unroll: str = "naive",
+                 fd_radius: float = 1e-3, lr_scale: "torch.Tensor | None" = None) -> torch.Tensor:
+    """One matching iteration: start the student (``model`` run with flat trainable parameters laid
+    out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
+    step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
+    synthetic pairs drawn with ``gen``; backpropagate the matching loss to ``target`` into the
+    synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``bench/unroll.py``); step
+    ``opts``; keep ``syn_lr >= min_lr``. Returns the (detached) matching loss."""
+    batches = [torch.randperm(len(syn_txt), generator=gen)[:batch].to(start.device) for _ in range(syn_steps)]
+
+    def step_loss(theta, img, txt):
+        img_e, txt_e = functional_call(model, unflatten(theta, spec) | frozen, (img, txt))
+        return contrastive_loss(img_e, txt_e, temperature)
+
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss = meta_backward(step_loss, start, [syn_img, syn_txt], batches, syn_lr,
+                         lambda theta: matching_loss(theta, start, target), mode=unroll, fd_radius=fd_radius,
+                         lr_scale=lr_scale)
+    for o in opts:
+        o.step()
+    with torch.no_grad():
+        syn_lr.clamp_(min=min_lr)
+    return loss.detach()
+
+
 class TrajectoryMatching:
     Config = TMConfig
 
     def __init__(self, config: TMConfig):
         self.config = config
 
+    def prepare(self, ctx: MethodContext) -> None:
+        """Build (or resume) the expert buffer once, before any cell: cells, on however many workers,
+        then only read it."""
+        ExpertBuffer(ctx.protocol, self.config.experts(), ctx.cache_dir or default_cache_dir()).build(ctx.log)
+
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
         c, p = self.config, ctx.protocol
-        if p.cfg.student.cut != "heads":
-            raise NotApplicable(f"{self.name} is implemented for the heads cut only")
+        mode = c.unroll_mode(p.cfg.student.cut)
+        dev = torch.device(p.device)
         if c.modality not in ("joint", "image", "text"):
             raise ValueError(f"modality must be joint, image or text, not {c.modality!r}")
         if c.max_start_epoch + c.expert_epochs > c.expert_train_epochs:
@@ -104,16 +165,18 @@ class TrajectoryMatching:
         spec = buffer.spec()
         frozen = {n: t.detach() for n, t in model.named_parameters() if not t.requires_grad}
         frozen.update({n: b for n, b in model.named_buffers()})
+        lr_scale = tower_lr_scale(trainable(model), p.cfg.student.tower_lr_scale) if p.tower is not None else None
+        lr_scale = None if lr_scale is None else lr_scale.to(dev)
 
         rng = np.random.default_rng(seed)
         init = random_pairs(p.train.caption_image.numpy(), budget, rng)
         j = torch.as_tensor(init)
-        syn_img = p.train.image[p.train.caption_image[j]].clone()
-        syn_txt = p.train.text[j].clone()
+        syn_img = p.image_inputs(p.train.image[p.train.caption_image[j]]).to(dev)  # pixels: normalised floats
+        syn_txt = p.train.text[j].clone().to(dev)
         learn_img, learn_txt = c.modality in ("joint", "image"), c.modality in ("joint", "text")
         syn_img.requires_grad_(learn_img)
         syn_txt.requires_grad_(learn_txt)
-        syn_lr = torch.tensor(c.lr_init, requires_grad=True)
+        syn_lr = torch.tensor(c.lr_init, requires_grad=True, device=dev)
         opts = [torch.optim.SGD([syn_lr], lr=c.lr_lr, momentum=c.momentum)]
         if learn_img:
             opts.append(torch.optim.SGD([syn_img], lr=c.lr_image, momentum=c.momentum))
@@ -124,28 +187,18 @@ class TrajectoryMatching:
         temp = p.cfg.student.temperature
         bs = min(c.batch_syn, budget)
         losses, t0, rss_early = [], time.time(), _rss_mb()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         best = (float("inf"), c.iterations, None, None, None)
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
             for it in range(c.iterations):
                 traj = trajectories[int(rng.integers(len(trajectories)))]
                 t = int(rng.integers(c.max_start_epoch))
-                start, target = traj[t].float(), traj[t + c.expert_epochs].float()
-                theta = start.clone().requires_grad_(True)
-                for _ in range(c.syn_steps):
-                    b = torch.randperm(budget, generator=gen)[:bs]
-                    params = unflatten(theta, spec) | frozen
-                    img, txt = functional_call(model, params, (syn_img[b], syn_txt[b]))
-                    g = torch.autograd.grad(contrastive_loss(img, txt, temp), theta, create_graph=True)[0]
-                    theta = theta - syn_lr * g
-                loss = matching_loss(theta, start, target)
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                for o in opts:
-                    o.step()
-                with torch.no_grad():
-                    syn_lr.clamp_(min=c.min_lr)
+                start, target = traj[t].float().to(dev), traj[t + c.expert_epochs].float().to(dev)
+                loss = tm_iteration(model, frozen, spec, start, target, syn_img, syn_txt, syn_lr, opts,
+                                    syn_steps=c.syn_steps, batch=bs, temperature=temp, min_lr=c.min_lr, gen=gen,
+                                    unroll=mode, fd_radius=c.fd_radius, lr_scale=lr_scale)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
                 losses.append(loss.item())
@@ -169,11 +222,15 @@ class TrajectoryMatching:
         info = {"match_loss_first": float(np.mean(losses[:k])), "match_loss_last": float(np.mean(losses[-k:])),
                 "learned_lr": float(syn_lr.item()), "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
                 "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
-                "init_caption_indices": init.tolist()}
+                "init_caption_indices": init.tolist(), "unroll": mode,
+                "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
+        if dev.type == "cuda":
+            info["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         ctx.log(f"  {self.name}: match loss {info['match_loss_first']:.3f} -> {info['match_loss_last']:.3f}, "
                 f"step size {info['learned_lr']:.4g}, kept iteration {kept_it}, {info['seconds']} s")
-        extras = {"lora_base_seed": torch.tensor([c.base_seed])} if c.lora_rank > 0 else {}
-        return Artifact("synthetic", image=syn_img.detach(), text=syn_txt.detach(), lr=float(syn_lr.item()),
+        # heads: the frozen base heads are regenerated from base_seed (stored); pixels: the base is the pretrained tower
+        extras = {"lora_base_seed": torch.tensor([c.base_seed])} if c.lora_rank > 0 and p.tower is None else {}
+        return Artifact("synthetic", image=syn_img.detach().cpu(), text=syn_txt.detach().cpu(), lr=float(syn_lr.item()),
                         extras=extras, info=info)
 
 

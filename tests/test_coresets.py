@@ -25,10 +25,11 @@ CORESETS = ("herding", "kcenter", "forgetting")
 # -- helpers ---------------------------------------------------------------------------------------
 
 def fake_protocol(image, text, caption_image):
-    """Just what herding and kcenter read (and Artifact.validate checks): the train split."""
-    return SimpleNamespace(train=CutSplit(torch.as_tensor(image, dtype=torch.float32),
-                                          torch.as_tensor(text, dtype=torch.float32),
-                                          torch.as_tensor(caption_image, dtype=torch.long)))
+    """Just what herding and kcenter read (and Artifact.validate checks): the train split (at the
+    cut, and as features: the same under the heads cut)."""
+    train = CutSplit(torch.as_tensor(image, dtype=torch.float32), torch.as_tensor(text, dtype=torch.float32),
+                     torch.as_tensor(caption_image, dtype=torch.long))
+    return SimpleNamespace(train=train, features_train=train)
 
 
 def random_protocol(n_images=30, caps_per=3, d_img=10, d_txt=6, seed=0):

@@ -1,0 +1,220 @@
+"""Profile the pixel-space unroll and the convolutions in it: ``python -m bench.profile_unroll``.
+
+Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
+
+* ``convs``: forward, forward+backward, and forward+backward(with graph)+double backward of one
+  layer: a depthwise 3x3 convolution (PyTorch's own, and ``bench.conv_ops``'s), a dense 3x3
+  convolution of about the same FLOPs, and a 1x1 convolution. Shows where the meta-backward's cost
+  comes from (PyTorch's double backward of a grouped convolution runs one convolution per group).
+* ``unroll``: one trajectory-matching iteration of the pixels cut's student (EfficientNet-Lite0
+  tower + linear heads, random synthetic images and texts, a random target) per meta-gradient mode
+  (naive / exact / fd) and ``syn_steps``, each in a fresh subprocess so that peak memory is its own:
+  seconds per iteration (the fastest of ``--repeats`` after one warm-up iteration) and peak memory (CUDA: peak allocated during
+  the iterations; CPU: peak resident set size of the process minus its size before the first
+  iteration, from ``getrusage``). ``--depthwise native`` swaps the tower's depthwise convolutions
+  back to PyTorch's for comparison. Also the inner steps alone (forward + backward, no graph).
+
+Prints a table and, with ``--out FILE``, writes the numbers as JSON. A GPU session runs
+``python -m bench.profile_unroll --device cuda --image-size 224 --images 100 --steps 10,20,40``
+(the H200 figures of REFERENCE.md were measured at that size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats: int) -> float:
+    """Seconds of one call: the fastest of ``repeats`` after a warm-up call (robust to other load)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def conv_table(device: torch.device, n: int, channels: int, size: int, repeats: int) -> list[dict]:
+    from bench.conv_ops import conv2d as conv_dd
+
+    dense_c = max(1, round(channels ** 0.5))  # dense 3x3 with c'^2 = c: the depthwise layer's FLOPs
+    def torch_conv(x, w, pad, groups):
+        return F.conv2d(x, w, None, stride=1, padding=pad, groups=groups)
+
+    def ours(x, w, pad, groups):
+        return conv_dd(x, w, None, stride=1, padding=pad, groups=groups)
+
+    layers = [("depthwise 3x3 (torch)", channels, channels, 3, channels, torch_conv),
+              ("depthwise 3x3 (conv_ops)", channels, channels, 3, channels, ours),
+              (f"dense 3x3, {dense_c} ch (same FLOPs)", dense_c, dense_c, 3, 1, torch_conv),
+              ("1x1", channels, channels, 1, 1, torch_conv)]
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, cin, cout, k, groups, fn in layers:
+        x = torch.randn(n, cin, size, size, generator=g).to(device).requires_grad_(True)
+        w = (0.1 * torch.randn(cout, cin // groups, k, k, generator=g)).to(device).requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return fn(x, w, k // 2, groups)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(x, w, k // 2, groups).square().sum(), (x, w))
+
+        def double():
+            gx, gw = torch.autograd.grad(fn(x, w, k // 2, groups).square().sum(), (x, w), create_graph=True)
+            return torch.autograd.grad((gx * gx.detach()).sum() + (gw * gw.detach()).sum(), (x, w))
+
+        t = [_time(f, device, repeats) * 1000 for f in (fwd, fwd_bwd, double)]
+        macs = n * cout * size * size * k * k * cin // groups
+        rows.append({"layer": name, "shape": [n, cin, size, size], "mmacs": round(macs / 1e6, 1), "fwd_ms": round(t[0], 3),
+                     "fwd_bwd_ms": round(t[1], 3), "fwd_bwd_double_ms": round(t[2], 3),
+                     "double_over_fwd": round(t[2] / t[0], 1)})
+    return rows
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, images: int, repeats: int,
+               depthwise: str) -> dict:
+    """One configuration, in this process: seconds per iteration and peak memory."""
+    from torch.func import functional_call
+
+    from bench.student import StudentConfig, build_student, contrastive_loss
+    from bench.towers import DepthwiseConv2d, load_tower
+    from bench.trajectories import flatten, trainable, unflatten
+    from bench.unroll import meta_backward
+
+    if depthwise == "native":
+        DepthwiseConv2d.forward = torch.nn.Conv2d.forward
+    torch.manual_seed(0)
+    tower = load_tower("effnet_lite0", image_size).to(device)
+    student = build_student(StudentConfig(cut="pixels", image_size=image_size), 1280, 384, 0, tower).to(device)
+    params = trainable(student)
+    spec = [(n, p.shape) for n, p in params]
+    frozen = dict(student.named_buffers())
+    theta0 = flatten(params)
+    target = theta0 + 1e-3 * torch.randn_like(theta0)
+    img = torch.randn(images, 3, image_size, image_size, device=device, requires_grad=True)
+    txt = torch.randn(images, 384, device=device, requires_grad=True)
+    lr = torch.tensor(0.01, device=device, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(images, generator=gen).to(device) for _ in range(steps)]
+
+    def step_loss(theta, i, t):
+        a, b = functional_call(student, unflatten(theta, spec) | frozen, (i, t))
+        return contrastive_loss(a, b, 0.07)
+
+    def outer(theta):
+        return ((theta - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
+
+    def iteration():
+        for x in (img, txt, lr):
+            x.grad = None
+        meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode=mode)
+
+    def inner_only():
+        th = theta0
+        for b in batches:
+            t = th.detach().requires_grad_(True)
+            g = torch.autograd.grad(step_loss(t, img[b].detach(), txt[b].detach()), t)[0]
+            th = th - 0.01 * g
+
+    _sync(device)
+    rss0 = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    try:
+        sec = _time(iteration, device, repeats)
+    except torch.OutOfMemoryError:
+        return {"mode": mode, "steps": steps, "depthwise": depthwise, "error": "out of memory"}
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        mem = {"peak_gib": round(peak, 2), "memory": "cuda max_memory_allocated - allocated before"}
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
+    return {"mode": mode, "steps": steps, "depthwise": depthwise, "image_size": image_size, "images": images,
+            "s_per_iteration": round(sec, 3), "inner_steps_s": round(_time(inner_only, device, 1), 3), **mem,
+            "n_params": int(theta0.numel())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.profile_unroll", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--part", choices=("convs", "unroll", "all"), default="all")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--steps", default="5,10,20")
+    ap.add_argument("--modes", default="naive,exact,fd")
+    ap.add_argument("--depthwise", default="ours", help="comma list of ours,native (the tower's depthwise convolution)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--conv-batch", type=int, default=20)
+    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE,STEPS,DEPTHWISE in this process
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    if a.one:
+        mode, steps, dw = a.one.split(",")
+        print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw)))
+        return 0
+    out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    if a.part in ("convs", "all"):
+        size = max(4, a.image_size // 4)
+        conv_table(device, a.conv_batch, 144, size, 1)  # warm-up pass (first touch of memory is slow in some VMs)
+        out["convs"] = conv_table(device, a.conv_batch, 144, size, max(3, a.repeats))
+        print(f"\nconvolutions on {device} (batch {a.conv_batch}, {size}x{size}; ms)")
+        print(f"{'layer':36s} {'MMACs':>7s} {'fwd':>8s} {'fwd+bwd':>8s} {'+double':>8s} {'double/fwd':>10s}")
+        for r in out["convs"]:
+            print(f"{r['layer']:36s} {r['mmacs']:7.1f} {r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:8.2f} "
+                  f"{r['fwd_bwd_double_ms']:8.2f} {r['double_over_fwd']:10.1f}")
+    if a.part in ("unroll", "all"):
+        rows = []
+        print(f"\nunroll on {device}: {a.images} images at {a.image_size} px, EfficientNet-Lite0 + linear heads")
+        print(f"{'mode':6s} {'depthwise':9s} {'steps':>5s} {'s/iter':>8s} {'inner s':>8s} {'peak GiB':>9s}")
+        for dw in a.depthwise.split(","):
+            for mode in a.modes.split(","):
+                for steps in a.steps.split(","):
+                    cmd = [sys.executable, "-m", "bench.profile_unroll", "--device", a.device, "--one", f"{mode},{steps},{dw}",
+                           "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats)]
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = res.stdout.strip().splitlines()
+                    r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
+                        "mode": mode, "steps": int(steps), "depthwise": dw, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+                    rows.append(r)
+                    if "error" in r:
+                        print(f"{mode:6s} {dw:9s} {steps:>5s} {r['error']}")
+                    else:
+                        print(f"{mode:6s} {dw:9s} {steps:>5s} {r['s_per_iteration']:8.2f} {r['inner_steps_s']:8.2f} {r['peak_gib']:9.3f}")
+                    sys.stdout.flush()
+        out["unroll"] = rows
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Speed of one trajectory-matching iteration (``methods.trajectory_matching.tm_iteration`` with the
+``tm`` defaults: an unroll of ``syn_steps`` = 20 differentiable SGD steps of the linear heads
+student, 1280->512 and 384->512, on minibatches of ``batch_syn`` synthetic pairs, then the
+meta-backward and the optimiser steps) at 100 and 1000 synthetic pairs. The expert trajectory is
+a fake one of the real shape ([expert epochs + 1, 853,504] float16, a seeded random walk from the
+student's initialisation): timing does not depend on its values.
+"""
+import pytest
+import torch
+
+from bench.student import StudentConfig, build_student
+from bench.trajectories import flatten, trainable
+from methods.trajectory_matching import TMConfig, tm_iteration
+
+D_IMG, D_TXT = 1280, 384
+CFG = TMConfig()
+
+
+@pytest.fixture(scope="module")
+def expert():
+    model = build_student(StudentConfig(), D_IMG, D_TXT, seed=0)
+    params = trainable(model)
+    spec = [(n, tuple(p.shape)) for n, p in params]
+    g = torch.Generator().manual_seed(1)
+    steps = 0.01 * torch.randn(CFG.expert_train_epochs, sum(p.numel() for _, p in params), generator=g)
+    traj = torch.cat([flatten(params)[None], flatten(params)[None] + steps.cumsum(0)]).half()
+    frozen = dict(model.named_buffers())  # the linear student has no frozen parameters or buffers
+    return model, frozen, spec, traj
+
+
+@pytest.mark.benchmark(group="tm")
+@pytest.mark.parametrize("n_pairs", [100, 1000])
+def test_bench_tm_iteration(benchmark, expert, n_pairs):
+    model, frozen, spec, traj = expert
+    start, target = traj[0].float(), traj[CFG.expert_epochs].float()
+    state = {}
+
+    def setup():  # a fresh synthetic set and optimisers per round: every round times the same work
+        g = torch.Generator().manual_seed(n_pairs)
+        img = torch.randn(n_pairs, D_IMG, generator=g).requires_grad_(True)
+        txt = torch.randn(n_pairs, D_TXT, generator=g).requires_grad_(True)
+        lr = torch.tensor(CFG.lr_init, requires_grad=True)
+        opts = [torch.optim.SGD([lr], lr=CFG.lr_lr, momentum=CFG.momentum),
+                torch.optim.SGD([img], lr=CFG.lr_image, momentum=CFG.momentum),
+                torch.optim.SGD([txt], lr=CFG.lr_text, momentum=CFG.momentum)]
+        state.update(img=img, txt=txt, lr=lr, img0=img.detach().clone())
+        return (model, frozen, spec, start, target, img, txt, lr, opts), dict(
+            syn_steps=CFG.syn_steps, batch=min(CFG.batch_syn, n_pairs), temperature=StudentConfig().temperature,
+            min_lr=CFG.min_lr, gen=torch.Generator().manual_seed(0))
+
+    loss = benchmark.pedantic(tm_iteration, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+    assert state["lr"].grad is not None and torch.isfinite(state["lr"].grad)
+    assert state["lr"].item() >= CFG.min_lr and state["lr"].item() != CFG.lr_init  # the step size learned
+    assert not torch.equal(state["img"].detach(), state["img0"])  # the synthetic images moved

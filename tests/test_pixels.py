@@ -1,0 +1,238 @@
+"""The pixels cut: trainable pretrained tower, pixel data, coresets, trajectory matching with the
+memory-flat unroll, LoRA on the tower; and heads-cut ids unchanged. CPU, 32 px, tiny sizes."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import kinks
+from bench.cli import main
+from bench.conv_ops import conv2d as conv_dd
+from bench.protocol import ProtocolConfig, build_protocol
+from bench.student import StudentConfig
+from bench.training import Recipe
+from bench.trajectories import ExpertConfig, expert_student, trainable
+from bench.unroll import meta_backward
+from methods import METHODS, MethodContext
+from methods.base import method_config
+
+PIX = ["--cut", "pixels", "--image-size", "32", "--limit", "40,20", "--set", "recipe.epochs=2", "--set", "recipe.batch_size=16"]
+TINY_TM = ["--set", "test_tm.iterations=3", "--set", "test_tm.n_experts=1",
+           "--set", "test_tm_lora.iterations=3", "--set", "test_tm_lora.n_experts=1"]
+
+
+@pytest.fixture(scope="module")
+def pixels_protocol(cache):
+    cfg = ProtocolConfig(limit=(40, 20), student=StudentConfig(cut="pixels", image_size=32), recipe=Recipe(epochs=2, batch_size=16))
+    return build_protocol(cfg, cache_dir=cache, log=None)
+
+
+def test_heads_ids_are_the_ones_recorded_before_the_pixels_cut(tiny_protocol):
+    # recorded with the code before the pixels cut existed (tests/conftest.py's tiny protocol)
+    assert tiny_protocol.id == "b90fb2526e81"
+    assert set(tiny_protocol.describe()["student"]) == {"cut", "head", "embed_dim", "dropout", "temperature"}
+    assert tiny_protocol.features_train is tiny_protocol.train
+
+
+def test_pixels_protocol_holds_images_and_frozen_text(pixels_protocol, cache):
+    p = pixels_protocol
+    heads = build_protocol(ProtocolConfig(limit=(40, 20), recipe=Recipe(epochs=2, batch_size=16)), cache_dir=cache, log=None)
+    assert p.id != heads.id
+    assert p.train.image.dtype == torch.uint8 and p.train.image.shape == (40, 3, 32, 32)
+    assert torch.equal(p.train.text, heads.train.text) and torch.equal(p.features_train.image, heads.train.image)
+    assert p.describe()["student"]["image_size"] == 32 and "pixels" in p.describe()["inputs"]
+    other = build_protocol(ProtocolConfig(limit=(40, 20), student=StudentConfig(cut="pixels", image_size=64),
+                                          recipe=Recipe(epochs=2, batch_size=16)), cache_dir=cache, log=None)
+    assert other.id != p.id and other.train.image.shape[-1] == 64
+
+
+def test_tower_matches_the_wheel_network_with_folded_batchnorm():
+    from bench.towers import DepthwiseConv2d, load_tower
+    from datasets.encoders import effnet_lite_tower, fold_batchnorm
+
+    ref = fold_batchnorm(effnet_lite_tower("lite0").eval())
+    tower = load_tower("effnet_lite0", 64)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(tower(x), ref((x.float() - 127) / 128), atol=1e-4)
+    convs = [m for m in tower.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(type(m) in (torch.nn.Conv2d, DepthwiseConv2d) for m in convs)  # no padded package classes left
+    assert all(isinstance(m, DepthwiseConv2d) == (m.groups > 1) for m in convs)
+    assert not tower.state_dict().keys() - {n for n, _ in tower.named_parameters()}  # no running statistics
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 4), (2, 4), (2, 1)])
+def test_conv_ops_equals_conv2d_to_second_order(stride, groups):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(4, 4 // groups, 3, 3, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.allclose(conv_dd(x, w, None, stride, 1, groups), F.conv2d(x, w, None, stride, 1, 1, groups))
+    f = lambda a, b: conv_dd(a, b, None, stride, 1, groups)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w)) and torch.autograd.gradgradcheck(f, (x, w))
+
+
+def _tiny_problem():
+    """A small conv net (ReLU from bench.kinks, a depthwise layer from conv_ops, tanh) on flat
+    parameters, float64."""
+    shapes = [(4, 3, 3, 3), (4, 1, 3, 3), (5, 4)]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+
+    def step_loss(theta, x, y):
+        w1, w2, w3 = (t.view(s) for t, s in zip(torch.split(theta, sizes), shapes))
+        h = kinks.relu(F.conv2d(x, w1, padding=1))
+        h = torch.tanh(conv_dd(h, w2, None, 2, 1, 4)).mean((2, 3))
+        return ((h @ w3.T - y) ** 2).mean()
+
+    g = torch.Generator().manual_seed(0)
+    theta0 = 0.5 * torch.randn(sum(sizes), dtype=torch.double, generator=g)
+    target = theta0 + 0.3 * torch.randn(sum(sizes), dtype=torch.double, generator=g)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.double, generator=g)
+    y = torch.randn(8, 5, dtype=torch.double, generator=g)
+    batches = [torch.randperm(8, generator=g)[:5] for _ in range(4)]
+    scale = torch.cat([torch.full((sizes[0] + sizes[1],), 0.5, dtype=torch.double), torch.ones(sizes[2], dtype=torch.double)])
+    return step_loss, theta0, target, x, y, batches, scale
+
+
+@pytest.mark.parametrize("learn_y", [True, False])
+def test_exact_and_fd_unrolls_match_the_naive_full_graph(learn_y):
+    step_loss, theta0, target, x0, y0, batches, scale = _tiny_problem()
+    outer = lambda th: ((th - target) ** 2).sum()  # noqa: E731
+    got = {}
+    for mode in ("naive", "exact", "fd"):
+        x, y = x0.clone().requires_grad_(True), y0.clone().requires_grad_(learn_y)
+        lr = torch.tensor(0.7, dtype=torch.double, requires_grad=True)
+        loss = meta_backward(step_loss, theta0, [x, y], batches, lr, outer, mode=mode, fd_radius=1e-3, lr_scale=scale)
+        got[mode] = [loss, x.grad, y.grad, lr.grad]
+    ref = got["naive"]
+    assert ref[1].abs().sum() > 0 and ref[3] != 0 and (ref[2] is not None) == learn_y
+    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))  # noqa: E731
+    for k in (1, 2, 3):
+        if ref[k] is None:
+            assert got["exact"][k] is None and got["fd"][k] is None
+            continue
+        assert torch.allclose(got["exact"][k], ref[k], rtol=1e-5, atol=1e-10 * float(ref[k].abs().max()))
+        assert cos(got["fd"][k].flatten(), ref[k].flatten()) > 0.999
+    assert got["exact"][0] == ref[0] and got["fd"][0] == ref[0]
+
+
+def test_pixel_tm_iteration_gradients_agree_across_unroll_modes(pixels_protocol):
+    from methods.trajectory_matching import tm_iteration
+    from bench.trajectories import flatten
+
+    p = pixels_protocol
+    model = expert_student(p, ExpertConfig(), seed=0)
+    params = trainable(model)
+    spec = [(n, t.shape) for n, t in params]
+    frozen = dict(model.named_buffers())
+    start = flatten(params)
+    target = start + 1e-3 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for mode in ("naive", "exact", "fd"):
+        img = p.image_inputs(p.train.image[:4]).requires_grad_(True)
+        txt = p.train.text[:4].clone().requires_grad_(True)
+        lr = torch.tensor(0.01, requires_grad=True)
+        tm_iteration(model, frozen, spec, start, target, img, txt, lr, [], syn_steps=2, batch=4, temperature=0.07,
+                     min_lr=1e-4, gen=torch.Generator().manual_seed(1), unroll=mode)
+        grads[mode] = (img.grad, txt.grad, lr.grad)
+    for k in range(3):
+        a, b, c = (grads[m][k].flatten() for m in ("naive", "exact", "fd"))
+        assert (b - a).norm() <= 1e-4 * a.norm()
+        # fd differences through ReLU6 only converge with the kink pattern replayed (bench/kinks.py)
+        assert float((c * a).sum() / (c.norm() * a.norm())) > 0.999
+
+
+def test_lora_on_the_tower_every_adapter_gets_a_gradient(pixels_protocol):
+    p = pixels_protocol
+    model = expert_student(p, ExpertConfig(lora_rank=4), seed=3)
+    names = [n for n, _ in trainable(model)]
+    lora = [n for n in names if "lora_" in n]
+    ungrouped = [m for m in p.tower.modules() if type(m) is torch.nn.Conv2d and m.groups == 1]
+    assert len(lora) == 2 * len(ungrouped) and all(".tower." in n for n in lora)  # A and B per convolution
+    assert {n for n in names if "lora_" not in n} == {n for n, _ in model.named_parameters() if "_head." in n}
+    with torch.no_grad():  # B starts at zero (so A's gradient would be zero): give B values first
+        for n, t in model.named_parameters():
+            if "lora_B" in n:
+                t.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
+    img, txt = model(p.train.image[:8], p.train.text[:8])
+    from bench.student import contrastive_loss
+    contrastive_loss(img, txt, 0.07).backward()
+    dead = [n for n, t in model.named_parameters() if t.requires_grad and (t.grad is None or not t.grad.abs().sum() > 0)]
+    assert not dead
+    depthwise = [t for n, t in model.named_parameters() if ".depthwise." in n]
+    assert depthwise and all(not t.requires_grad and t.grad is None for t in depthwise)  # frozen: peft cannot wrap them
+
+
+def _cells(out):
+    return {f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in Path(out, "cells").rglob("*.json")}
+
+
+def test_pixels_coresets_run_and_select_on_frozen_features(tmp_path, cache):
+    out = tmp_path / "runs"
+    assert main(["run", "--out", str(out), "--cache-dir", str(cache), *PIX, "--methods", "random,herding,forgetting",
+                 "--ipc", "6", "--seeds", "1"]) == 0
+    recs = _cells(out)
+    assert {r["status"] for r in recs.values()} == {"ok"} and len(recs) == 4
+    assert recs["herding/6_s0"]["storage_bytes"] == 6 * (3 * 32 * 32 + 384) * 4
+    assert recs["full/full_s0"]["protocol"]["cut"] == "pixels"
+    assert recs["forgetting/6_s0"]["info"]["stats_student"] == "pixels"
+    # herding under pixels picks the same pairs as under heads (it selects on the frozen features)
+    heads = tmp_path / "heads"
+    assert main(["run", "--out", str(heads), "--cache-dir", str(cache), "--limit", "40,20", "--set", "recipe.epochs=2",
+                 "--set", "recipe.batch_size=16", "--methods", "herding", "--ipc", "6", "--seeds", "1"]) == 0
+    from methods.base import Artifact
+    a = Artifact.load(Path(recs["herding/6_s0"]["artifact"]))[0]
+    b = Artifact.load(Path(_cells(heads)["herding/6_s0"]["artifact"]))[0]
+    assert list(a.indices) == list(b.indices)
+
+
+def test_pixels_tm_and_tm_lora_round_trip_through_evaluate(tmp_path, cache, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", "--out", str(out), "--cache-dir", str(cache), *PIX, *TINY_TM, "--methods", "test_tm,test_tm_lora",
+                 "--ipc", "5", "--seeds", "1"]) == 0
+    recs = _cells(out)
+    for name in ("test_tm", "test_tm_lora"):
+        rec = recs[f"{name}/5_s0"]
+        assert rec["status"] == "ok" and rec["info"]["unroll"] == "exact"
+        assert rec["storage_bytes"] == (5 * (3 * 32 * 32 + 384) + 1) * 4  # pixels + text features + step size
+        from methods.base import Artifact
+        art = Artifact.load(Path(rec["artifact"]))[0]
+        assert art.image.shape == (5, 3, 32, 32) and art.image.dtype == torch.float32 and not art.extras
+        capsys.readouterr()
+        assert main(["evaluate", "--artifact", rec["artifact"], "--seeds", "1", "--cache-dir", str(cache)]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["protocol_id"] == rec["protocol_id"]
+        assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
+
+
+def test_tm_images_move_from_their_real_start(pixels_protocol, cache):
+    cls = METHODS.get("test_tm")
+    cfg = method_config(cls, {"iterations": "2", "n_experts": "1", "unroll": "fd", "lr_init": "0.01"})
+    art = cls(cfg).build(MethodContext(pixels_protocol, cache, log=lambda m: None), 5, 0)
+    init = torch.as_tensor(art.info["init_caption_indices"])
+    real = pixels_protocol.image_inputs(pixels_protocol.train.image[pixels_protocol.train.caption_image[init]])
+    assert art.info["unroll"] == "fd" and not torch.allclose(art.image, real)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "64"], "pixels cut only"),
+    (["--cut", "pixels", "--image-encoder", "minilm_l6"], "no trainable tower"),
+    (["--cut", "pixels", "--set", "student.cut=heads"], "--cut"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--methods", "test_tm", "--set", "test_tm.unroll=adjoint"], "unroll must be"),
+])
+def test_bad_pixel_settings_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert main(["run", "--out", str(tmp_path), "--cache-dir", str(tmp_path), "--limit", "40,20", "--methods", "random",
+                 "--ipc", "5", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_profile_script_runs_at_tiny_size():
+    from bench.profile_unroll import conv_table, unroll_one
+
+    rows = conv_table(torch.device("cpu"), n=2, channels=4, size=4, repeats=1)
+    assert [r["layer"].split(" (")[0] for r in rows][:2] == ["depthwise 3x3"] * 2 and all(r["fwd_ms"] > 0 for r in rows)
+    r = unroll_one(torch.device("cpu"), "exact", steps=2, image_size=32, images=2, repeats=1, depthwise="ours")
+    assert r["s_per_iteration"] > 0 and r["n_params"] > 4_000_000 and "peak_gib" in r
