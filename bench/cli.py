@@ -179,11 +179,12 @@ def cmd_experts(args) -> int:
     from methods.base import MethodContext, method_config, prepare
 
     pcfg, method_opts = _protocol_config(args)
+    configs = {name: method_config(METHODS.get(name), method_opts.get(name, {}))  # checked before any data
+               for name in METHODS.select(args.methods)}
     protocol = build_protocol(pcfg, args.cache_dir, args.device)
     seen = set()
-    for name in METHODS.select(args.methods):
+    for name, cfg in configs.items():
         cls = METHODS.get(name)
-        cfg = method_config(cls, method_opts.get(name, {}))
         if not hasattr(cfg, "experts"):
             if hasattr(cls, "prepare"):  # another shared cache (forgetting's statistics): build it here too
                 prepare(cls(cfg), MethodContext(protocol, args.cache_dir, args.device))

@@ -78,14 +78,23 @@ class Cell:
         return f"{self.method} @ {'full' if self.budget is None else self.budget} (seed {self.selection_seed})"
 
 
-def plan(run: RunConfig, n_train_images: int) -> list[Cell]:
+def check_run(run: RunConfig) -> list[str]:
+    """Everything about a run that can be checked without data (method names, their options,
+    budgets): called before any feature is computed, so a typo costs nothing. Returns the methods."""
     names = METHODS.select(run.methods)
     for name in run.method_options:
         if name not in METHODS:
             METHODS.entry(name)  # raises: unknown method, listing what exists
+        _config(name, run)  # raises: unknown option or bad value, listing what exists
     for b in run.budgets:
         if b < 2:
             raise BenchError(f"budget {b} is too small: a contrastive student needs at least 2 pairs")
+    return names
+
+
+def plan(run: RunConfig, n_train_images: int) -> list[Cell]:
+    names = check_run(run)
+    for b in run.budgets:
         if b > n_train_images:
             raise BenchError(f"budget {b} is larger than the train split ({n_train_images} images; each pair needs its own image)")
     n = run.seeds
@@ -233,6 +242,9 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
     the records of this shard's cells, in plan order."""
     from bench.executors import make_executor
 
+    check_run(run)  # before any data is touched
+    if run.shard is not None:
+        shard_cells([], run.shard)  # validates I/N
     with make_executor(run.executor, log) as executor:  # fails early (one line) when Ray is missing or unreachable
         protocol = build_protocol(run.protocol, run.cache_dir, run.device, log)
         cells = plan(run, protocol.train.n_images)

@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLBENCH_PROGRESS", "0")
+# Tests never touch the user's cache: a test that forgets --cache-dir computes into this empty one
+# (and is slow enough to notice) instead of silently reading a warm ~/.cache/vlbench.
+_TEST_CACHE = tempfile.mkdtemp(prefix="vlbench-test-cache-")
+os.environ["VLBENCH_CACHE"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"

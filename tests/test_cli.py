@@ -95,6 +95,16 @@ def test_bad_usage_is_one_line_and_exit_2(argv, match, capsys):
     assert match in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["run", "--methods", "nope"], ["run", "--set", "random.k=1"],
+                                  ["run", "--ipc", "1"], ["run", "--shard", "3/3"], ["experts", "--methods", "nope"],
+                                  ["experts", "--set", "tm.nope=1"]])
+def test_bad_run_fails_before_touching_data(argv, tmp_path, capsys):
+    """A typo costs nothing: no dataset is read and no feature computed before the error."""
+    assert main(argv + ["--cache-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_budget_larger_than_train_split(tmp_path, cache, capsys):
     assert run(tmp_path / "r", cache, "--methods", "random", "--ipc", "10,500") == 2
     assert "budget 500 is larger than the train split (80 images" in capsys.readouterr().err
