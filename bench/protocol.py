@@ -132,15 +132,17 @@ class Protocol:
         ie, te = embed(student, self.test.image, self.test.text)
         return retrieval_metrics(ie.numpy(), te.numpy(), self.test.caption_image.numpy())
 
-    def evaluate(self, pairs: PairSet, seeds: list[int], log=None) -> list[dict]:
-        """Train a fresh student per eval seed and score it once at the final epoch."""
+    def evaluate(self, pairs: PairSet, seeds: list[int], log=None, recipe: Optional[dict] = None) -> list[dict]:
+        """Train a fresh student per eval seed and score it once at the final epoch; ``recipe``:
+        fields replacing the protocol's (reference rows only, e.g. ``full_tuned``)."""
+        rec = dataclasses.replace(self.cfg.recipe, **recipe) if recipe else self.cfg.recipe
         if len(pairs) < 2:
             raise BenchError(f"a set of {len(pairs)} pair(s) cannot train a contrastive student")
         out = []
         for seed in seeds:
             t0 = time.time()
             student = self.fresh_student(seed)  # on self.device; batches move there in train_student
-            lr = train_student(student, pairs, self.cfg.recipe, seed)
+            lr = train_student(student, pairs, rec, seed)
             m = self.score(student)
             out.append({"seed": seed, "lr": lr, **m, "train_s": round(time.time() - t0, 2)})
             if log:

@@ -14,7 +14,8 @@ cells at plan positions k with k % n == i (every shard still records the whole g
 
 Seeds: ``seeds = N`` gives selection seeds 0..N-1; the cell with selection seed s is scored under
 eval seeds ``s + N*j`` for j < ``eval_seeds`` (default 1). So the std over a method's runs includes
-selection variance as well as training variance. The full-data reference has no selection: one cell
+selection variance as well as training variance. The full-data references (``full`` under the
+protocol's recipe, ``full_tuned`` under its own, ``methods/full.py``) have no selection: one cell each,
 scored under eval seeds 0..N-1.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_json
 from methods import METHODS, MethodContext
 from methods.base import Artifact, config_key, method_config, prepare
+
+REFERENCES = ("full", "full_tuned")  # reference rows every grid has (methods/full.py)
 
 
 @dataclass
@@ -98,9 +101,9 @@ def plan(run: RunConfig, n_train_images: int) -> list[Cell]:
         if b > n_train_images:
             raise BenchError(f"budget {b} is larger than the train split ({n_train_images} images; each pair needs its own image)")
     n = run.seeds
-    cells = [Cell("full", None, 0, list(range(n * run.eval_seeds)), _config("full", run))]
+    cells = [Cell(ref, None, 0, list(range(n * run.eval_seeds)), _config(ref, run)) for ref in REFERENCES]
     for name in names:
-        if name == "full":
+        if name in REFERENCES:
             continue
         cfg = _config(name, run)
         for b in run.budgets:
@@ -163,12 +166,13 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
             art = built
             meta = ({k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
                     | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": built.storage_bytes(protocol)})
-        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log)
+        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=built.recipe)
         metrics = {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s")}
         rec.update(status="ok", n_pairs=len(built) if built.kind != "full" else len(protocol.train.text),
                    storage_bytes=built.storage_bytes(protocol), learned_lr=built.lr, metrics_per_seed=per_seed,
                    metrics_mean={k: float(np.mean(v)) for k, v in metrics.items()},
-                   artifact=str(apath) if built.kind != "full" else None, info=built.info,
+                   artifact=str(apath) if built.kind != "full" else None,
+                   info=built.info | ({"recipe": built.recipe} if built.recipe else {}),
                    timings={"build_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
         m = rec["metrics_mean"]
         log(f"done  {cell.label}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f} ({time.time() - t0:.1f} s)")

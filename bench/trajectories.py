@@ -2,6 +2,11 @@
 
 An expert is the protocol's student trained on the full train split; its *trainable* parameters are
 saved after every epoch (and at initialisation) as one float16 matrix ``[epochs + 1, n_params]``.
+Under the ``pixels`` cut that is not precise enough: the pretrained tower moves at 0.01x the heads'
+step size, by less than float16's resolution for many of its weights in an epoch, so the tower part of
+the matched distance would be rounding noise. There the start ``θ_0`` is kept in float32 and the
+epochs as float16 *deltas* ``θ_e − θ_0`` (``storage = "delta16"``): the deltas' relative precision is
+float16's, whatever their size next to the weights.
 Under LoRA matching only the adapters train (the base weights stay at a fixed, seeded
 initialisation), and only the adapters are saved. Under the ``pixels`` cut an expert trains the
 pretrained tower and the heads (the tower at ``student.tower_lr_scale`` times the expert step size);
@@ -29,6 +34,7 @@ from bench.student import Student, contrastive_loss
 from datasets.base import identity_hash
 
 EXPERT_VERSION = 1
+STORAGE = {"heads": "float16", "pixels": "delta16"}  # how each cut stores its epochs (see above)
 EXPERT_SEED_OFFSET = 10_000  # expert i starts from seed 10000+i: never an eval seed's initialisation
 
 
@@ -121,14 +127,42 @@ def tower_lr_scale(params, scale: float) -> "torch.Tensor | None":
     return torch.cat([torch.full((p.numel(),), scale if in_tower(n) else 1.0) for n, p in params])
 
 
+class Trajectory:
+    """One stored expert: ``traj[e]`` is its trainable parameters after epoch ``e`` as float32 (``e = 0``:
+    initialisation), rebuilt on access from ``params`` (float16: the values, or deltas from ``base``)."""
+
+    def __init__(self, params: torch.Tensor, base: "torch.Tensor | None" = None):
+        self.params, self.base = params, base
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        x = self.params[e].float()
+        return x if self.base is None else self.base + x
+
+
+def pack(snaps: list[torch.Tensor], storage: str) -> dict:
+    """Per-epoch float32 parameter vectors -> what an expert file stores (``storage``: float16 | delta16)."""
+    if storage == "float16":
+        return {"params": torch.stack([s.half() for s in snaps])}
+    if storage == "delta16":
+        base = snaps[0].float()
+        return {"params": torch.stack([(s.float() - base).half() for s in snaps]), "base": base}
+    raise ValueError(f"unknown expert storage {storage!r}; available: float16, delta16")
+
+
 class ExpertBuffer:
     """The cached trajectories of one (protocol, expert config)."""
 
     def __init__(self, protocol, cfg: ExpertConfig, cache_dir: Path):
         self.protocol, self.cfg = protocol, cfg
         desc = protocol.describe()
+        self.storage = STORAGE[protocol.cfg.student.cut]
+        # the storage is in the key only where it is not the original float16 (heads keys unchanged)
+        fmt = [] if self.storage == "float16" else [self.storage]
         self.key = identity_hash(EXPERT_VERSION, desc["dataset_identity"], desc["image_encoder"], desc["text_encoder"],
-                                 desc["inputs"], desc["student"], dataclasses.asdict(cfg))[:16]
+                                 desc["inputs"], desc["student"], dataclasses.asdict(cfg), *fmt)[:16]
         self.dir = Path(cache_dir) / "experts" / f"{protocol.cfg.dataset}-{self.key}"
 
     def path(self, i: int) -> Path:
@@ -146,7 +180,7 @@ class ExpertBuffer:
                                                           "protocol": self.protocol.describe()}, indent=1, default=str))
         for i in todo:
             t0 = time.time()
-            traj = train_expert(self.protocol, self.cfg, EXPERT_SEED_OFFSET + i)
+            traj = train_expert(self.protocol, self.cfg, EXPERT_SEED_OFFSET + i, self.storage)
             tmp = self.path(i).with_name(f".{self.path(i).name}.{os.getpid()}.tmp")
             torch.save(traj, tmp)
             os.replace(tmp, self.path(i))
@@ -154,10 +188,11 @@ class ExpertBuffer:
                 f"({traj['params'].shape[1]:,} trainable params) -> {self.path(i)}")
         return self
 
-    def load(self) -> list[torch.Tensor]:
+    def load(self) -> list[Trajectory]:
         if self.missing():
             raise RuntimeError(f"expert buffer {self.dir} is incomplete; run `python -m bench experts` or build()")
-        return [torch.load(self.path(i), weights_only=True)["params"] for i in range(self.cfg.n_experts)]
+        files = [torch.load(self.path(i), weights_only=True) for i in range(self.cfg.n_experts)]
+        return [Trajectory(f["params"], f.get("base")) for f in files]
 
     def spec(self) -> list[tuple[str, torch.Size]]:
         return torch.load(self.path(0), weights_only=True)["spec"]
@@ -166,8 +201,9 @@ class ExpertBuffer:
         return sum(p.stat().st_size for p in self.dir.glob("expert_*.pt"))
 
 
-def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
-    """Train one expert on all train pairs; return its per-epoch trainable parameters (float16)."""
+def train_expert(protocol, cfg: ExpertConfig, seed: int, storage: str = "float16") -> dict:
+    """Train one expert on all train pairs; return its per-epoch trainable parameters, packed as
+    ``storage`` says (``pack``)."""
     model = expert_student(protocol, cfg, seed)
     params = trainable(model)
     scale = protocol.cfg.student.tower_lr_scale if protocol.cfg.student.cut == "pixels" else 1.0
@@ -182,7 +218,7 @@ def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(pairs), min(cfg.batch_size, len(pairs))
     temp = protocol.cfg.student.temperature
-    snaps = [flatten(params).half().cpu()]
+    snaps = [flatten(params).cpu()]
     model.train()
     with torch.random.fork_rng(devices=[]), progress(total=cfg.epochs, desc=f"expert seed {seed}", unit="ep") as bar:
         torch.manual_seed(seed)
@@ -195,6 +231,6 @@ def train_expert(protocol, cfg: ExpertConfig, seed: int) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            snaps.append(flatten(params).half().cpu())
+            snaps.append(flatten(params).cpu())
             bar.update(1)
-    return {"params": torch.stack(snaps), "spec": [(n_, tuple(p.shape)) for n_, p in params], "seed": seed}
+    return {**pack(snaps, storage), "spec": [(n_, tuple(p.shape)) for n_, p in params], "seed": seed}

@@ -58,6 +58,8 @@ class Artifact:
     lr: Optional[float] = None  # learned step size, if any (counts in storage)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other learned tensors (count in storage)
     info: dict = field(default_factory=dict)  # method-specific facts worth keeping (losses, timings)
+    # reference rows only: Recipe fields this set is trained with instead of the protocol's (``full_tuned``)
+    recipe: Optional[dict] = None
 
     def __len__(self) -> int:
         if self.kind == "selected":

@@ -23,7 +23,7 @@ METRICS: tuple[str, ...] = RECALL_METRICS + ("mean",)
 GROUP_ORDER: tuple[str, ...] = ("reference", "coreset", "distill")
 """Display order of method groups; unknown groups follow, alphabetically."""
 
-METHOD_ORDER: tuple[str, ...] = ("full", "random", "herding", "kcenter", "forgetting", "tm")
+METHOD_ORDER: tuple[str, ...] = ("full", "full_tuned", "random", "herding", "kcenter", "forgetting", "tm")
 """Preferred display order of known methods within a group; others follow, alphabetically."""
 
 NOT_APPLICABLE_PREFIX = "not applicable"

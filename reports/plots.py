@@ -45,7 +45,7 @@ def make_figure(rows: Iterable[Row]) -> Figure:
     """The 3-panel recall-vs-budget figure for the rows of one protocol."""
     rows = list(rows)
     series = _series(rows)
-    reference = next((r for r in rows if r.is_reference and r.has_results), None)
+    references = sorted((r for r in rows if r.is_reference and r.has_results), key=lambda r: method_rank(r.method))
     budgets = sorted({r.budget for s in series.values() for r in s})
     first = next((r for r in rows if r.has_results), rows[0])
 
@@ -54,7 +54,7 @@ def make_figure(rows: Iterable[Row]) -> Figure:
     axes = fig.subplots(1, len(PANELS))
     colors = _colors(list(series))
     markers = _markers(series)
-    log_y = _use_log_y(series, reference)
+    log_y = _use_log_y(series, references)
     # small multiplicative x offsets so error bars of different methods do not sit on each other
     offsets = {m: 10 ** (0.012 * (i - (len(series) - 1) / 2)) for i, m in enumerate(series)}
     for ax, (metric, title) in zip(axes, PANELS):
@@ -63,12 +63,12 @@ def make_figure(rows: Iterable[Row]) -> Figure:
             ax.errorbar([r.budget * offsets[method] for r in rs], [r.mean[metric] for r in rs],
                         yerr=[r.std[metric] for r in rs], label=display_name(method), color=colors[method],
                         marker=markers[method], capsize=3, markersize=5, elinewidth=1, **style)
-        if reference is not None:
-            value = reference.mean[metric]
-            ax.axhline(value, color="0.25", linestyle=(0, (5, 3)), linewidth=1.2,
-                       label=f"Full data (no budget; n={reference.n})")
+        for ref, dash in zip(references, ((0, (5, 3)), (0, (1, 2)))):
+            value = ref.mean[metric]
+            ax.axhline(value, color="0.25", linestyle=dash, linewidth=1.2,
+                       label=f"{display_name(ref.method)} (no budget; n={ref.n})")
             # labelled at the left, where the smallest budgets (lowest values) usually are
-            ax.annotate(f"full data {value:.1f}", xy=(0.01, value), xycoords=("axes fraction", "data"),
+            ax.annotate(f"{display_name(ref.method).lower()} {value:.1f}", xy=(0.01, value), xycoords=("axes fraction", "data"),
                         xytext=(0, 3), textcoords="offset points", ha="left", va="bottom",
                         fontsize=8, color="0.2",
                         bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7))
@@ -101,11 +101,10 @@ def _budget_axis(ax, budgets: list[int]) -> None:
     ax.set_xticklabels([str(b) for b in budgets])
 
 
-def _use_log_y(series: dict[str, list[Row]], reference: Row | None) -> bool:
+def _use_log_y(series: dict[str, list[Row]], references: list[Row]) -> bool:
     """Whether the values span so much that a linear axis would squash the small ones."""
     means = [r.mean[m] for rs in series.values() for r in rs for m, _ in PANELS]
-    if reference is not None:
-        means += [reference.mean[m] for m, _ in PANELS]
+    means += [ref.mean[m] for ref in references for m, _ in PANELS]
     if not means or min(means) <= 0:
         return False  # a zero recall cannot be shown on a log axis
     return max(means) / min(means) > LOG_Y_RATIO

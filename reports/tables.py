@@ -24,6 +24,7 @@ NA = "n/a"
 
 DISPLAY_NAMES = {
     "full": "Full data",
+    "full_tuned": "Full data (own recipe)",
     "random": "Random",
     "herding": "Herding",
     "kcenter": "K-Center",

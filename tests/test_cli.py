@@ -22,7 +22,7 @@ def test_run_writes_one_file_per_cell_and_resumes(tmp_path, cache, capsys):
     out = tmp_path / "runs"
     assert run(out, cache, "--methods", "random", "--ipc", "10,20", "--seeds", "2") == 0
     files = cells(out)
-    assert len(files) == 1 + 2 * 2  # full-data reference + 2 budgets x 2 seeds
+    assert len(files) == 2 + 2 * 2  # two full-data references + 2 budgets x 2 seeds
     rec = json.loads(next(f for f in files if f.name == "10_s1.json").read_text())
     assert rec["status"] == "ok" and rec["method"] == "random" and rec["budget"] == 10
     assert rec["selection_seed"] == 1 and rec["eval_seeds"] == [1]
@@ -52,6 +52,27 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path, cache):
     assert set(a0) != set(a1)
 
 
+def test_full_tuned_row_trains_the_full_data_with_its_own_recipe(tmp_path, cache, tiny_protocol):
+    import dataclasses
+
+    from bench.training import train_student
+
+    out = tmp_path / "runs"
+    assert run(out, cache, "--methods", "random", "--ipc", "10", "--seeds", "2", "--set", "full_tuned.epochs=2") == 0
+    recs = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in cells(out)}
+    tuned, full = recs["full_tuned"], recs["full"]
+    assert tuned["budget"] is None and tuned["eval_seeds"] == full["eval_seeds"] == [0, 1]
+    assert tuned["info"]["recipe"] == {"lr": 0.01, "epochs": 2, "lr_policy": "fixed"}
+    # independent reference: train on all pairs by hand with the protocol's recipe, those fields replaced
+    own = dataclasses.replace(tiny_protocol.cfg.recipe, epochs=2, lr=0.01, lr_policy="fixed")
+    for seed, m in zip([0, 1], tuned["metrics_per_seed"]):
+        student = tiny_protocol.fresh_student(seed)
+        train_student(student, tiny_protocol.train.all_pairs(), own, seed)
+        scores = tiny_protocol.score(student)
+        assert scores == {k: m[k] for k in scores}
+    assert tuned["metrics_mean"] != full["metrics_mean"]  # a different recipe, a different row
+
+
 def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, cache, capsys):
     if "test_broken" not in METHODS:
         @register_method("test_broken", "test")
@@ -75,7 +96,7 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, cache, capsys):
     capsys.readouterr()
     assert main(["status", "--out", str(out)]) == 1
     text = capsys.readouterr().out
-    assert "2 done, 0 missing, 1 failed of 3" in text and "deliberate failure" in text
+    assert "3 done, 0 missing, 1 failed of 4" in text and "deliberate failure" in text
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -19,7 +19,7 @@ from methods.base import Artifact
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=3", "--set", "recipe.batch_size=16"]
 GRID = ["--methods", "random,herding,test_tm", "--ipc", "5,10", "--seeds", "2"]
-N_GRID = 1 + 3 * 2 * 2  # full-data reference + 3 methods x 2 budgets x 2 seeds
+N_GRID = 2 + 3 * 2 * 2  # two full-data references + 3 methods x 2 budgets x 2 seeds
 # the keys of a cell file, in order, as the local runner has always written them
 OK_KEYS = ["schema_version", "key", "protocol_id", "protocol", "dataset", "method", "method_group", "method_config",
            "budget", "selection_seed", "eval_seeds", "manifest", "status", "n_pairs", "storage_bytes", "learned_lr",
@@ -74,7 +74,7 @@ def test_ray_results_equal_local_results(tmp_path, cache, ray_cluster):
         assert scores(b) == scores(a), cell  # every metric of every eval seed, exactly
         assert b["metrics_mean"] == a["metrics_mean"] and b["storage_bytes"] == a["storage_bytes"]
         if a["artifact"] is None:
-            assert cell[0] == "full" and b["artifact"] is None
+            assert cell[0] in ("full", "full_tuned") and b["artifact"] is None
         else:
             assert b["artifact"] == a["artifact"].replace(str(tmp_path / "local"), str(tmp_path / "ray"))
             xa, xb = Artifact.load(Path(a["artifact"]))[0], Artifact.load(Path(b["artifact"]))[0]
@@ -94,14 +94,14 @@ def test_dead_worker_loses_only_its_cell_and_a_rerun_redoes_it(tmp_path, cache, 
             "--executor", "ray"]
     assert run(out, cache, *argv) == 1
     recs = records(out)
-    assert len(recs) == 1 + 2 * 2 * 2
+    assert len(recs) == 2 + 2 * 2 * 2
     dead = recs.pop(("test_crash", 10, 1))
     assert dead["status"] == "failed" and "WorkerCrashedError" in dead["error"], dead["error"]
     assert list(dead) == FAILED_KEYS
     assert all(r["status"] == "ok" for r in recs.values())
     capsys.readouterr()
     assert main(["status", "--out", str(out)]) == 1
-    assert "8 done, 0 missing, 1 failed of 9" in capsys.readouterr().out
+    assert "9 done, 0 missing, 1 failed of 10" in capsys.readouterr().out
     before = mtimes(out)
     marker.unlink()
     assert run(out, cache, *argv) == 0
@@ -112,14 +112,14 @@ def test_dead_worker_loses_only_its_cell_and_a_rerun_redoes_it(tmp_path, cache, 
     assert again["status"] == "ok" and again["key"] == dead["key"]
     capsys.readouterr()
     assert main(["status", "--out", str(out)]) == 0
-    assert "9 done, 0 missing, 0 failed of 9" in capsys.readouterr().out
+    assert "10 done, 0 missing, 0 failed of 10" in capsys.readouterr().out
 
 
 def test_a_shard_under_ray_runs_only_its_cells(tmp_path, cache, ray_cluster):
     out = tmp_path / "runs"
     assert run(out, cache, "--methods", "random", "--ipc", "5,10", "--seeds", "2", "--shard", "1/3", "--executor", "ray") == 0
-    # plan order: full, random@5 s0, s1, random@10 s0, s1 -> positions 1 and 4
-    assert set(records(out)) == {("random", 5, 0), ("random", 10, 1)}
+    # plan order: full, full_tuned, random@5 s0, s1, random@10 s0, s1 -> positions 1 and 4
+    assert set(records(out)) == {("full_tuned", None, 0), ("random", 10, 0)}
 
 
 # ----------------------------------------------------------------------------------------- shards
@@ -132,9 +132,9 @@ def test_shards_cover_every_cell_exactly_once(tmp_path, cache, capsys):
         ran.append([line[6:] for line in capsys.readouterr().out.splitlines() if line.startswith("run   ")])
         if i == 0:  # every shard records the whole grid: status counts the other shards' cells as missing
             assert main(["status", "--out", str(tmp_path / "sharded")]) == 0
-            assert "3 done, 6 missing, 0 failed of 9" in capsys.readouterr().out
+            assert "4 done, 6 missing, 0 failed of 10" in capsys.readouterr().out
     flat = [c for shard in ran for c in shard]
-    assert len(flat) == len(set(flat)) == 9  # no cell in two shards
+    assert len(flat) == len(set(flat)) == 10  # no cell in two shards
     capsys.readouterr()
     assert run(tmp_path / "whole", cache, *grid) == 0
     whole = [line[6:] for line in capsys.readouterr().out.splitlines() if line.startswith("run   ")]
@@ -207,7 +207,7 @@ def test_worker_refuses_caches_it_cannot_see_and_a_different_protocol(tmp_path, 
     from bench.runner import RunConfig, plan
 
     run = RunConfig(protocol=tiny_protocol.cfg, methods="random", budgets=(5,), seeds=1, out=tmp_path, cache_dir=cache)
-    spec = cell_spec(plan(run, tiny_protocol.train.n_images)[1])
+    spec = cell_spec(plan(run, tiny_protocol.train.n_images)[2])
     with pytest.raises(RuntimeError, match="cache dir .* does not exist on node"):
         cell_task(spec, RunConfig(**{**run.__dict__, "cache_dir": tmp_path / "absent"}), tiny_protocol.id, os.getcwd(), 1)
     with pytest.raises(RuntimeError, match="differs from the driver's"):

@@ -168,12 +168,42 @@ def _cells(out):
     return {f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in Path(out, "cells").rglob("*.json")}
 
 
+def test_pixel_experts_store_deltas_that_resolve_the_tower_movement():
+    from bench.trajectories import Trajectory, pack
+
+    # a tower-like vector: weights ~0.1-1, moving by ~1e-4 per epoch (below float16's resolution there)
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.rand(5000, generator=g) + 0.1
+    snaps = [w0 + e * 1e-4 * torch.randn(5000, generator=g) for e in range(4)]
+
+    def moved_error(stored):
+        t = Trajectory(stored["params"], stored.get("base"))
+        err = max(float((t[e] - snaps[e]).norm()) for e in range(4))
+        return err / float((snaps[3] - snaps[0]).norm())  # relative to the movement the matching measures
+
+    delta, plain = pack(snaps, "delta16"), pack(snaps, "float16")
+    assert delta["base"].dtype == torch.float32 and delta["params"].dtype == torch.float16
+    assert moved_error(delta) < 1e-3  # deltas keep float16's relative precision
+    assert moved_error(plain) > 0.1  # plain float16 values lose the movement in rounding
+
+
+def test_pixel_expert_buffer_rebuilds_float32_epochs(pixels_protocol, cache):
+    from bench.trajectories import ExpertBuffer, ExpertConfig as EC
+
+    buf = ExpertBuffer(pixels_protocol, EC(n_experts=1, epochs=1), cache).build(log=lambda m: None)
+    traj = buf.load()[0]
+    assert buf.storage == "delta16" and traj.base is not None and traj[1].dtype == torch.float32
+    init = torch.cat([p.detach().reshape(-1) for _, p in trainable(expert_student(pixels_protocol, EC(n_experts=1, epochs=1), 10_000))])
+    assert torch.equal(traj[0], init)  # the start is exact (float32), not rounded
+    assert not torch.equal(traj[1], traj[0])
+
+
 def test_pixels_coresets_run_and_select_on_frozen_features(tmp_path, cache):
     out = tmp_path / "runs"
     assert main(["run", "--out", str(out), "--cache-dir", str(cache), *PIX, "--methods", "random,herding,forgetting",
                  "--ipc", "6", "--seeds", "1"]) == 0
     recs = _cells(out)
-    assert {r["status"] for r in recs.values()} == {"ok"} and len(recs) == 4
+    assert {r["status"] for r in recs.values()} == {"ok"} and len(recs) == 5
     assert recs["herding/6_s0"]["storage_bytes"] == 6 * (3 * 32 * 32 + 384) * 4
     assert recs["full/full_s0"]["protocol"]["cut"] == "pixels"
     assert recs["forgetting/6_s0"]["info"]["stats_student"] == "pixels"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.errors import BenchError
 from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
 from methods import METHODS, MethodContext
 from methods.base import method_config
@@ -34,15 +35,17 @@ def test_expert_buffer_is_float16_per_epoch_and_resumes(tiny_protocol, cache):
     buf = ExpertBuffer(tiny_protocol, cfg, cache).build(log=lambda m: None)
     trajs = buf.load()
     n_params = sum(p.numel() for _, p in trainable(tiny_protocol.fresh_student(0)))
-    assert [t.shape for t in trajs] == [torch.Size([4, n_params])] * 2 and trajs[0].dtype == torch.float16
-    # snapshot 0 is the expert's initialisation; training moves it
-    init = flatten(trainable(expert_student(tiny_protocol, cfg, 10_000))).half()
+    assert buf.storage == "float16" and [t.params.shape for t in trajs] == [torch.Size([4, n_params])] * 2
+    assert trajs[0].params.dtype == torch.float16 and trajs[0].base is None and len(trajs[0]) == 4
+    # snapshot 0 is the expert's initialisation (read back as float32); training moves it
+    init = flatten(trainable(expert_student(tiny_protocol, cfg, 10_000))).half().float()
+    assert trajs[0][0].dtype == torch.float32
     assert torch.equal(trajs[0][0], init) and not torch.equal(trajs[0][0], trajs[0][-1])
     kept = buf.path(0).stat().st_mtime_ns
     buf.path(1).unlink()
     assert buf.missing() == [1]
     buf.build(log=lambda m: None)
-    assert buf.path(0).stat().st_mtime_ns == kept and torch.equal(buf.load()[1], trajs[1])  # resumed, deterministic
+    assert buf.path(0).stat().st_mtime_ns == kept and torch.equal(buf.load()[1].params, trajs[1].params)  # resumed, deterministic
     other = ExpertBuffer(tiny_protocol, ExpertConfig(n_experts=2, epochs=4), cache)
     assert other.key != buf.key  # the recipe is in the key
 
@@ -128,5 +131,5 @@ def test_keep_best_returns_the_lowest_loss_window_and_last_is_the_final_set(tiny
     assert 25 <= k <= 30 and k % 5 == 0
     if k == 30:  # the best window is the last one: the same set
         assert torch.equal(best.image, last.image) and best.lr == last.lr
-    with pytest.raises(ValueError, match="keep must be"):
+    with pytest.raises(BenchError, match="keep must be"):
         build("test_tm", tiny_protocol, cache, iterations=2, keep="middle")
