@@ -95,7 +95,7 @@ def _rss_mib() -> float:
 
 
 def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, images: int, repeats: int,
-               depthwise: str) -> dict:
+               depthwise: str, autocast: str = "off") -> dict:
     """One configuration, in this process: seconds per iteration and peak memory."""
     from torch.func import functional_call
 
@@ -121,8 +121,9 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     batches = [torch.randperm(images, generator=gen).to(device) for _ in range(steps)]
 
     def step_loss(theta, i, t):
-        a, b = functional_call(student, unflatten(theta, spec) | frozen, (i, t))
-        return contrastive_loss(a, b, 0.07)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            a, b = functional_call(student, unflatten(theta, spec) | frozen, (i, t))
+        return contrastive_loss(a.float(), b.float(), 0.07)
 
     def outer(theta):
         return ((theta - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
@@ -154,7 +155,7 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
         mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
-    return {"mode": mode, "steps": steps, "depthwise": depthwise, "image_size": image_size, "images": images,
+    return {"mode": mode, "steps": steps, "depthwise": depthwise, "autocast": autocast, "image_size": image_size, "images": images,
             "s_per_iteration": round(sec, 3), "inner_steps_s": round(_time(inner_only, device, 1), 3), **mem,
             "n_params": int(theta0.numel())}
 
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="naive,exact,fd")
     ap.add_argument("--depthwise", default="ours", help="comma list of ours,native (the tower's depthwise convolution)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--autocast", default="off", choices=("off", "bf16"),
+                    help="run the unrolled steps' forward in bf16 (timing only: see README on its gradients)")
     ap.add_argument("--conv-batch", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE,STEPS,DEPTHWISE in this process
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if a.one:
         mode, steps, dw = a.one.split(",")
-        print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw)))
+        print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw, a.autocast)))
         return 0
     out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
             for mode in a.modes.split(","):
                 for steps in a.steps.split(","):
                     cmd = [sys.executable, "-m", "bench.profile_unroll", "--device", a.device, "--one", f"{mode},{steps},{dw}",
-                           "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats)]
+                           "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats),
+                           "--autocast", a.autocast]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     lines = res.stdout.strip().splitlines()
                     r = json.loads(lines[-1]) if res.returncode == 0 and lines else {

@@ -194,7 +194,9 @@ class PixelTower(nn.Module):
         return x
 
     def forward(self, x):
-        return (self.net(self.normalise(x)) - self.out_mean) / self.out_std
+        # float32 for the standardisation: under bf16 autocast the raw features (large positive mean,
+        # small spread) would lose most of their variation in the subtraction (bf16 keeps ~3 digits)
+        return (self.net(self.normalise(x)).float() - self.out_mean) / self.out_std
 
 
 def _digest(path: str) -> str:

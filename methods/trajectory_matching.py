@@ -134,18 +134,22 @@ def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor
 def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.Tensor, target: torch.Tensor,
                  syn_img: torch.Tensor, syn_txt: torch.Tensor, syn_lr: torch.Tensor, opts: list, *, syn_steps: int,
                  batch: int, temperature: float, min_lr: float, gen: torch.Generator, unroll: str = "naive",
-                 fd_radius: float = 1e-3, lr_scale: "torch.Tensor | None" = None) -> torch.Tensor:
+                 fd_radius: float = 1e-3, lr_scale: "torch.Tensor | None" = None,
+                 autocast: "torch.dtype | None" = None) -> torch.Tensor:
     """One matching iteration: start the student (``model`` run with flat trainable parameters laid
     out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
     step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
     synthetic pairs drawn with ``gen``; backpropagate the matching loss to ``target`` into the
     synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``bench/unroll.py``); step
-    ``opts``; keep ``syn_lr >= min_lr``. Returns the (detached) matching loss."""
+    ``opts``; keep ``syn_lr >= min_lr``. ``autocast``: a dtype to run each step's forward in (under
+    ``torch.autocast``), or None for float32 (what the methods use: in bfloat16 the pretrained tower
+    cannot see its own inner steps, see README "The pixels cut"). Returns the (detached) matching loss."""
     batches = [torch.randperm(len(syn_txt), generator=gen)[:batch].to(start.device) for _ in range(syn_steps)]
 
     def step_loss(theta, img, txt):
-        img_e, txt_e = functional_call(model, unflatten(theta, spec) | frozen, (img, txt))
-        return contrastive_loss(img_e, txt_e, temperature)
+        with torch.autocast(start.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            img_e, txt_e = functional_call(model, unflatten(theta, spec) | frozen, (img, txt))
+        return contrastive_loss(img_e.float(), txt_e.float(), temperature)
 
     for o in opts:
         o.zero_grad(set_to_none=True)
