@@ -133,3 +133,23 @@ def test_keep_best_returns_the_lowest_loss_window_and_last_is_the_final_set(tiny
         assert torch.equal(best.image, last.image) and best.lr == last.lr
     with pytest.raises(BenchError, match="keep must be"):
         build("test_tm", tiny_protocol, cache, iterations=2, keep="middle")
+
+
+@pytest.mark.parametrize("lr", [0.03, 0.2])
+def test_adam_data_update_first_step_moves_every_coordinate_by_its_lr(tiny_protocol, cache, lr):
+    # Adam's first step is lr * g / (|g| + eps): a coordinate moves by lr, less only where |g| is
+    # near eps (1e-8); an SGD step would scale with the gradient instead
+    art = build("test_tm", tiny_protocol, cache, iterations=1, keep="last", lr_image=lr, lr_text=lr / 2)
+    j = torch.as_tensor(art.info["init_caption_indices"])
+    tr = tiny_protocol.train
+    for d, step in (((art.image - tr.image[tr.caption_image[j]]).abs(), lr), ((art.text - tr.text[j]).abs(), lr / 2)):
+        assert float(d.max()) <= step * (1 + 1e-5)
+        assert float((d > 0.99 * step).float().mean()) > 0.99
+
+
+def test_paper_sgd_data_update_is_available_and_differs(tiny_protocol, cache):
+    sgd = build("test_tm", tiny_protocol, cache, data_optimizer="sgd", lr_image=1000, lr_text=1000)
+    adam = build("test_tm", tiny_protocol, cache)
+    assert sgd.image.shape == adam.image.shape and not torch.equal(sgd.image, adam.image)
+    with pytest.raises(BenchError, match="data_optimizer must be"):
+        build("test_tm", tiny_protocol, cache, data_optimizer="rmsprop")
