@@ -19,7 +19,7 @@ from reports.tables import build_table, to_csv, to_latex, to_markdown
 PID = "9f8e7d6c5b4a"
 PROTOCOL = {"dataset": "flickr8k", "test_split": "val", "cut": "heads",
             "image_encoder": "effnet_lite0", "text_encoder": "minilm_l6"}
-GROUPS = {"full": "reference", "random": "coreset", "herding": "coreset", "kcenter": "coreset",
+GROUPS = {"full": "reference", "full_tuned": "reference", "random": "coreset", "herding": "coreset", "kcenter": "coreset",
           "forgetting": "coreset", "tm": "distill"}
 
 
@@ -180,6 +180,22 @@ def test_markdown_cells_and_grouping(out):
     assert idx == sorted(idx)
     assert "Random @ 200: 1 cell(s) failed" in md and "CUDA out of memory" in md
     assert "published" not in md
+
+
+def test_both_full_data_rows_are_reference_lines_repeated_under_every_budget(out):
+    from reports.plots import make_figure
+
+    write_cell(out, "full_tuned", None, 0, [metrics(0, 12.0), metrics(1, 12.0)])
+    md = to_markdown(table_of(out))
+    lines = md.splitlines()
+    tuned = next(ln for ln in lines if ln.startswith("| Full data (own recipe) |"))
+    cells = [c.strip() for c in tuned.strip("|").split("|")][1:]
+    assert cells[0] == "12.0 ± 0.0" and cells[:6] == cells[6:]
+    # both above the coreset header, the protocol's row first; neither is a method (never bold)
+    assert md.index("| Full data |") < md.index("| Full data (own recipe) |") < md.index("**Coreset selection**")
+    ax = make_figure(aggregate(load_cells(out))).axes[0]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["full data 10.0", "full data (own recipe) 12.0"]  # one labelled line each
 
 
 def test_missing_cell_shows_dash(tmp_path):
