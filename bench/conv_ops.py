@@ -93,11 +93,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b=None, stride=1, padding=0, groups
     """``F.conv2d`` (dilation 1, numeric padding) with efficient derivatives of every order. Under
     ``torch.autocast`` the convolution runs in the autocast dtype (input and weight cast up front, so
     the saved tensors and every derivative share one dtype; custom functions are not autocast)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            y = _Conv.apply(x.to(dt), w.to(dt), _pair(stride), _pair(padding), int(groups))
-        return y if b is None else y + b.to(dt).view(1, -1, 1, 1)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
     y = _Conv.apply(x, w, _pair(stride), _pair(padding), int(groups))
     return y if b is None else y + b.view(1, -1, 1, 1)

@@ -206,7 +206,7 @@ class TrajectoryMatching:
         if c.data_optimizer == "adam":
             data_opt = torch.optim.Adam(data_groups, betas=(c.momentum, 0.999))
         else:
-            data_opt = torch.optim.SGD(data_groups, lr=c.lr_image, momentum=c.momentum)
+            data_opt = torch.optim.SGD(data_groups, momentum=c.momentum)  # each group carries its lr
         opts.append(data_opt)
         if c.lr_schedule == "cosine":  # the data lr falls to 0 at the last iteration (the step size's lr stays)
             sched = torch.optim.lr_scheduler.LambdaLR(
