@@ -67,6 +67,14 @@ class CutSplit:
     def all_pairs(self) -> PairSet:
         return PairSet(self.image, self.text, self.caption_image)
 
+    def images_subset(self, images) -> "CutSplit":
+        """The split restricted to ``images`` (indices, in the given order) and all their captions."""
+        images = torch.as_tensor(images, dtype=torch.long)
+        remap = torch.full((self.n_images,), -1, dtype=torch.long)
+        remap[images] = torch.arange(len(images))
+        keep = torch.nonzero(remap[self.caption_image] >= 0).flatten()
+        return CutSplit(self.image[images], self.text[keep], remap[self.caption_image[keep]])
+
 
 class Protocol:
     def __init__(self, cfg: ProtocolConfig, dataset: CaptionDataset, feats: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -128,13 +136,17 @@ class Protocol:
                           seed, self.tower)
         return s.to(self.device) if self.device != "cpu" else s
 
-    def score(self, student) -> dict[str, float]:
-        ie, te = embed(student, self.test.image, self.test.text)
-        return retrieval_metrics(ie.numpy(), te.numpy(), self.test.caption_image.numpy())
+    def score(self, student, split: Optional[CutSplit] = None) -> dict[str, float]:
+        """Retrieval metrics of ``student`` on ``split`` (default: the test split)."""
+        s = self.test if split is None else split
+        ie, te = embed(student, s.image, s.text)
+        return retrieval_metrics(ie.numpy(), te.numpy(), s.caption_image.numpy())
 
-    def evaluate(self, pairs: PairSet, seeds: list[int], log=None, recipe: Optional[dict] = None) -> list[dict]:
+    def evaluate(self, pairs: PairSet, seeds: list[int], log=None, recipe: Optional[dict] = None,
+                 split: Optional[CutSplit] = None) -> list[dict]:
         """Train a fresh student per eval seed and score it once at the final epoch; ``recipe``:
-        fields replacing the protocol's (reference rows only, e.g. ``full_tuned``)."""
+        fields replacing the protocol's (reference rows only, e.g. ``full_tuned``); ``split``: where
+        to score (default: the test split; a method's held-out part of train for its own stopping)."""
         rec = dataclasses.replace(self.cfg.recipe, **recipe) if recipe else self.cfg.recipe
         if len(pairs) < 2:
             raise BenchError(f"a set of {len(pairs)} pair(s) cannot train a contrastive student")
@@ -143,7 +155,7 @@ class Protocol:
             t0 = time.time()
             student = self.fresh_student(seed)  # on self.device; batches move there in train_student
             lr = train_student(student, pairs, rec, seed)
-            m = self.score(student)
+            m = self.score(student, split)
             out.append({"seed": seed, "lr": lr, **m, "train_s": round(time.time() - t0, 2)})
             if log:
                 log(f"  eval seed {seed}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f}")

@@ -30,18 +30,23 @@ rounding; the pixels cut's default); ``fd`` does the same without double backwar
 differences of two gradients (radius ``fd_radius``). ``auto`` picks naive under heads, exact under
 pixels.
 
-**Data update.** The paper moves the synthetic data with SGD (lr 1000, momentum 0.5). On standardised
-features the right size of that step depends on the dataset (tm@100 on val: lr 1000 is best on
-Flickr8k and makes the synthetic set collapse late, lr 300 is best on the synthetic set and 10 points
-worse on Flickr8k), so the default is Adam (``data_optimizer``; per-coordinate steps of about
-``lr_image``/``lr_text`` = 0.03, betas (``momentum``, 0.999)), the one setting that was not worse than
-the paper's on either dataset; README "Methods" has the numbers. ``--set tm.data_optimizer=sgd
---set tm.lr_image=1000 --set tm.lr_text=1000`` is the paper's update.
+**Data update.** The synthetic data moves by SGD (the paper's: lr 1000, momentum 0.5; ``data_optimizer``,
+``lr_image``, ``lr_text``); ``data_optimizer="adam"`` (per-coordinate steps of about the lr, betas
+(``momentum``, 0.999); lr 0.03 is the tuned value) is the alternative. README "Methods" has the tuning.
 
-Synthetic sets start from random real pairs (distinct images, drawn from the selection seed).
-With ``keep="best"`` (default) the set returned is the one at the lowest 25-iteration mean of the
-matching loss (the method's own objective; no score is looked at): on the synthetic dataset the
-unroll can destabilise late (step size collapsing, loss rising) after reaching a good set.
+**Which set is returned** (``keep``). The sets along the run differ a lot: on the synthetic dataset the
+unroll can destabilise late (a set that trained a good student collapses), and the matching loss is a
+poor guide to which set trains the best student (the image-only variant fell below random with it).
+With ``keep="holdout"`` (default) a fixed part of the train split (``holdout_images``, at most a fifth
+of its images, drawn from a fixed seed, the same for every budget and seed) is held out: the set is
+initialised from the other images, and every ``check_every`` iterations (and at iteration 0 and at the
+end) a fresh student (seed 1000 + the selection seed, ``CHECK_SEED``) is trained on the current set
+with the protocol's recipe and scored on the held-out images (mean of the six recalls); the
+best-scoring set is returned (``info.holdout_curve`` records every check, ``info.kept_iteration`` the
+choice). This is early stopping on train data: val and test are never looked at. The held-out images
+were seen by the experts, so their scores run higher than val's; on val they peak at the same checks
+(README). ``keep="best"`` returns the set at the lowest 25-iteration mean matching loss (the method's
+own objective), ``keep="last"`` the final set; both initialise from any train image.
 """
 from __future__ import annotations
 
@@ -57,10 +62,27 @@ from bench.errors import BenchError
 from bench.progress import progress
 from bench.student import contrastive_loss
 from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
+from bench.training import PairSet
 from bench.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
 from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.random_subset import random_pairs
+
+
+KEEP = ("holdout", "best", "last")
+HOLDOUT_SEED = 2_024  # the held-out train images are the same for every budget, seed and variant
+MIN_HOLDOUT = 8
+CHECK_SEED = 1_000  # + the selection seed: a check's student is not initialised like an eval seed's
+
+
+def holdout_images(n_images: int, budget: int, wanted: int) -> np.ndarray:
+    """Train images held out for ``keep="holdout"``: ``min(wanted, n_images // 5)`` drawn from a
+    fixed seed, leaving at least ``budget`` images to initialise the set from."""
+    n = min(wanted, n_images // 5, n_images - budget)
+    if n < MIN_HOLDOUT:
+        raise BenchError(f"tm keep=holdout needs {MIN_HOLDOUT} held-out train images beside the {budget} "
+                         f"initial ones, and the train split has {n_images} images; use --set <method>.keep=best")
+    return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n_images, size=n, replace=False))
 
 
 @dataclass(frozen=True)
@@ -71,15 +93,20 @@ class TMConfig:
     expert_epochs: int = 2
     max_start_epoch: int = 4
     batch_syn: int = 128  # synthetic pairs per unrolled step (all of them when the budget is smaller)
-    # how the synthetic data is updated: "adam" (per-coordinate steps of about lr_image/lr_text, betas
-    # (momentum, 0.999); default, tuned on val) or "sgd" (the paper's, with lr_image = lr_text = 1000)
-    data_optimizer: str = "adam"
-    lr_image: float = 0.03
-    lr_text: float = 0.03
+    # how the synthetic data is updated: "sgd" (the paper's: lr 1000, momentum 0.5; default) or "adam"
+    # (per-coordinate steps of about lr_image/lr_text, betas (momentum, 0.999); try lr 0.03)
+    data_optimizer: str = "sgd"
+    lr_image: float = 1000.0
+    lr_text: float = 1000.0
     momentum: float = 0.5
     # data lr over the iterations: "constant" (the paper's) or "cosine" (annealed to 0 at the last iteration)
     lr_schedule: str = field(default="constant", metadata=OMIT_DEFAULT)
-    keep: str = "best"  # "best": the set at the lowest 25-iteration mean matching loss; "last": the final set
+    # which set to return: "holdout" (the checked set, every ``check_every`` iterations and at 0 and the
+    # end, that trains the best student on a held-out part of train), "best" (lowest 25-iteration mean
+    # matching loss) or "last" (the final set)
+    keep: str = "holdout"
+    check_every: int = 50
+    holdout_images: int = 1000  # at most a fifth of the train images; never used to initialise the set
     lr_init: float = 0.1  # the paper's; 0.5 was faster on Flickr8k val but unstable on the synthetic set
     lr_lr: float = 0.01
     min_lr: float = 1e-4
@@ -102,8 +129,10 @@ class TMConfig:
             raise BenchError(f"tm data_optimizer must be sgd or adam, not {self.data_optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise BenchError(f"tm lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
-        if self.keep not in ("best", "last"):
-            raise BenchError(f"tm keep must be best or last, not {self.keep!r}")
+        if self.keep not in KEEP:
+            raise BenchError(f"tm keep must be one of {', '.join(KEEP)}, not {self.keep!r}")
+        if self.check_every < 1 or self.holdout_images < 1:
+            raise BenchError(f"tm check_every and holdout_images must be >= 1, not {self.check_every}, {self.holdout_images}")
 
     def unroll_mode(self, cut: str) -> str:
         if self.unroll == "auto":
@@ -192,7 +221,14 @@ class TrajectoryMatching:
         lr_scale = None if lr_scale is None else lr_scale.to(dev)
 
         rng = np.random.default_rng(seed)
-        init = random_pairs(p.train.caption_image.numpy(), budget, rng)
+        cap = p.train.caption_image.numpy()
+        if c.keep == "holdout":  # the set starts from, and is trained on, images outside the held-out part
+            held = holdout_images(p.train.n_images, budget, c.holdout_images)
+            holdout = p.train.images_subset(held)
+            rest = np.setdiff1d(np.arange(p.train.n_images), held)
+            init = random_pairs(cap, budget, rng, images=rng.choice(rest, size=budget, replace=False))
+        else:
+            init = random_pairs(cap, budget, rng)
         j = torch.as_tensor(init)
         syn_img = p.image_inputs(p.train.image[p.train.caption_image[j]]).to(dev)  # pixels: normalised floats
         syn_txt = p.train.text[j].clone().to(dev)
@@ -218,9 +254,24 @@ class TrajectoryMatching:
         losses, t0, rss_early = [], time.time(), _rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        best = (float("inf"), c.iterations, None, None, None)
+        # the kept set: (criterion, lower is better; iteration; images; texts; step size)
+        kept = (float("inf"), c.iterations, None, None, None)
+        curve = []  # keep="holdout": (iteration, mean recall on the held-out images of a student trained on the set)
+
+        def snapshot():
+            return syn_img.detach().clone(), syn_txt.detach().clone(), float(syn_lr.item())
+
+        def check(it: int, kept: tuple) -> tuple:
+            img, txt, lr = snapshot()
+            with torch.random.fork_rng(devices=[]):
+                score = p.evaluate(PairSet.aligned(img, txt, lr), [CHECK_SEED + seed], split=holdout)[0]["mean"]
+            curve.append((it, round(score, 2)))
+            return (-score, it, img, txt, lr) if -score < kept[0] else kept  # ties keep the earlier set
+
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
+            if c.keep == "holdout":
+                kept = check(0, kept)
             for it in range(c.iterations):
                 traj = trajectories[int(rng.integers(len(trajectories)))]
                 t = int(rng.integers(c.max_start_epoch))
@@ -235,24 +286,27 @@ class TrajectoryMatching:
                     sched.step()
                 if c.keep == "best" and len(losses) >= 25 and (it + 1) % 5 == 0:
                     window = float(np.mean(losses[-25:]))
-                    if window < best[0]:  # the method's own objective, never a test score
-                        best = (window, it + 1, syn_img.detach().clone(), syn_txt.detach().clone(), float(syn_lr.item()))
+                    if window < kept[0]:  # the method's own objective
+                        kept = (window, it + 1, *snapshot())
+                if c.keep == "holdout" and ((it + 1) % c.check_every == 0 or it + 1 == c.iterations):
+                    kept = check(it + 1, kept)  # scored on held-out train images, never on val or test
                 if it == max(1, c.iterations // 10):
                     rss_early = _rss_mb()
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}")
         kept_it = c.iterations
-        if c.keep == "best" and best[2] is not None:
-            _, kept_it, img_b, txt_b, lr_b = best
-            syn_img, syn_txt = img_b, txt_b
-            syn_lr = torch.tensor(lr_b)
+        if c.keep != "last" and kept[2] is not None:
+            _, kept_it, syn_img, syn_txt, lr_kept = kept
+            syn_lr = torch.tensor(lr_kept)
         k = max(1, min(50, len(losses) // 4))
         info = {"match_loss_first": float(np.mean(losses[:k])), "match_loss_last": float(np.mean(losses[-k:])),
                 "learned_lr": float(syn_lr.item()), "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
                 "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
                 "init_caption_indices": init.tolist(), "unroll": mode,
                 "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
+        if c.keep == "holdout":
+            info["holdout_images"], info["holdout_curve"] = len(held), curve
         if dev.type == "cuda":
             info["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         ctx.log(f"  {self.name}: match loss {info['match_loss_first']:.3f} -> {info['match_loss_last']:.3f}, "

@@ -69,9 +69,13 @@ def test_broken_ordering_fails(baseline):
     text, passed = regress.report(rows, findings)
     assert not passed and "ordering tm > tm_text @ 10: 30.50 vs 40.00  BROKEN" in text
     run = json.loads(json.dumps(BASE_RUN))
-    run["tm_image"]["10"] = [9.0, 9.0]  # below random at the smallest budget
+    run["tm_image"]["50"] = [20.0, 20.0]  # below random at the largest budget
     text, passed = regress.report(*regress.check(_summary(run), baseline, DISTILL))
-    assert not passed and "ordering tm_image > random @ 10: 9.00 vs 10.50  BROKEN" in text
+    assert not passed and "ordering tm_image > random @ 50: 20.00 vs 21.00  BROKEN" in text
+    run = json.loads(json.dumps(BASE_RUN))
+    run["tm_image"]["10"] = [9.0, 9.0]  # below random at 10 pairs: the level check fails, no ordering is checked there
+    text, passed = regress.report(*regress.check(_summary(run), baseline, DISTILL))
+    assert "ordering tm_image > random @ 10" not in text and "ordering tm_image > random @ 50: 25.50 vs 21.00" in text
 
 
 def test_failed_or_missing_cells_and_protocol_change_fail(baseline):

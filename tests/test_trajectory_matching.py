@@ -1,16 +1,20 @@
 """Expert buffers and trajectory matching on the tiny generated protocol."""
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench.cli import main
 from bench.errors import BenchError
+from bench.protocol import CutSplit
+from bench.training import PairSet
 from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
 from methods import METHODS, MethodContext
 from methods.base import method_config
-from methods.trajectory_matching import matching_loss
+from methods.trajectory_matching import CHECK_SEED, holdout_images, matching_loss
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
 
@@ -51,9 +55,9 @@ def test_expert_buffer_is_float16_per_epoch_and_resumes(tiny_protocol, cache):
 
 
 def test_tm_is_deterministic_per_seed_and_moves_the_data(tiny_protocol, cache):
-    a = build("test_tm", tiny_protocol, cache, seed=0)
-    b = build("test_tm", tiny_protocol, cache, seed=0)
-    c = build("test_tm", tiny_protocol, cache, seed=1)
+    a = build("test_tm", tiny_protocol, cache, seed=0, keep="last")
+    b = build("test_tm", tiny_protocol, cache, seed=0, keep="last")
+    c = build("test_tm", tiny_protocol, cache, seed=1, keep="last")
     assert torch.equal(a.image, b.image) and torch.equal(a.text, b.text) and a.lr == b.lr
     assert not torch.equal(a.image, c.image)
     init = torch.as_tensor(a.info["init_caption_indices"])
@@ -65,7 +69,7 @@ def test_tm_is_deterministic_per_seed_and_moves_the_data(tiny_protocol, cache):
 
 @pytest.mark.parametrize("modality,fixed", [("image", "text"), ("text", "image")])
 def test_single_modality_variants_keep_the_other_side_real(tiny_protocol, cache, modality, fixed):
-    a = build("test_tm", tiny_protocol, cache, modality=modality)
+    a = build("test_tm", tiny_protocol, cache, modality=modality, keep="last")
     init = torch.as_tensor(a.info["init_caption_indices"])
     tr = tiny_protocol.train
     real = {"image": tr.image[tr.caption_image[init]], "text": tr.text[init]}
@@ -135,11 +139,57 @@ def test_keep_best_returns_the_lowest_loss_window_and_last_is_the_final_set(tiny
         build("test_tm", tiny_protocol, cache, iterations=2, keep="middle")
 
 
+def test_images_subset_keeps_chosen_images_and_all_their_captions():
+    split = CutSplit(torch.arange(5.0)[:, None], torch.arange(8.0)[:, None], torch.tensor([0, 0, 1, 2, 2, 2, 3, 4]))
+    sub = split.images_subset([3, 1])
+    assert sub.image.flatten().tolist() == [3.0, 1.0]
+    assert sub.text.flatten().tolist() == [2.0, 6.0]  # captions 2 (image 1) and 6 (image 3), in caption order
+    assert sub.caption_image.tolist() == [1, 0]
+
+
+def test_holdout_images_are_fixed_capped_and_refused_when_too_few():
+    a = holdout_images(6000, 100, 1000)
+    assert len(a) == 1000 == len(set(a.tolist())) and a.max() < 6000
+    assert np.array_equal(a, holdout_images(6000, 1000, 1000))  # the same for every budget that leaves room
+    assert len(holdout_images(500, 10, 1000)) == 100  # a fifth of the train images
+    assert len(holdout_images(100, 70, 1000)) == 20
+    with pytest.raises(BenchError, match="keep=holdout needs .* use --set <method>.keep=best"):
+        holdout_images(100, 95, 1000)
+
+
+def test_keep_holdout_returns_the_checked_set_with_the_best_held_out_score(tiny_protocol, cache):
+    art = build("test_tm", tiny_protocol, cache, iterations=6, check_every=2)
+    curve = art.info["holdout_curve"]
+    assert [it for it, _ in curve] == [0, 2, 4, 6]
+    scores = [s for _, s in curve]
+    k = scores.index(max(scores))  # ties keep the earlier set
+    assert art.info["kept_iteration"] == curve[k][0]
+    held = holdout_images(tiny_protocol.train.n_images, 10, 1000)
+    assert art.info["holdout_images"] == len(held) == 16
+    # the set starts from images outside the held-out part
+    init = torch.as_tensor(art.info["init_caption_indices"])
+    assert not set(tiny_protocol.train.caption_image[init].tolist()) & set(held.tolist())
+    # the returned set, trained and scored again the same way, gets the recorded score
+    again = tiny_protocol.evaluate(art.pairs(tiny_protocol), [CHECK_SEED + 0], split=tiny_protocol.train.images_subset(held))
+    assert round(again[0]["mean"], 2) == curve[k][1]
+    # and a set scored differently from the recorded held-out curve: the real initial pairs
+    tr = tiny_protocol.train
+    real = PairSet.aligned(tr.image[tr.caption_image[init]], tr.text[init], 0.1)
+    first = tiny_protocol.evaluate(real, [CHECK_SEED + 0], split=tr.images_subset(held))
+    assert round(first[0]["mean"], 2) == curve[0][1]
+    # the test split plays no part: replaced by noise, the same set comes back
+    blind = copy.copy(tiny_protocol)
+    t = tiny_protocol.test
+    blind.splits = dict(tiny_protocol.splits, test=CutSplit(torch.randn_like(t.image), torch.randn_like(t.text), t.caption_image))
+    again = build("test_tm", blind, cache, iterations=6, check_every=2)
+    assert torch.equal(again.image, art.image) and again.info["holdout_curve"] == curve
+
+
 @pytest.mark.parametrize("lr", [0.03, 0.2])
 def test_adam_data_update_first_step_moves_every_coordinate_by_its_lr(tiny_protocol, cache, lr):
     # Adam's first step is lr * g / (|g| + eps): a coordinate moves by lr, less only where |g| is
     # near eps (1e-8); an SGD step would scale with the gradient instead
-    art = build("test_tm", tiny_protocol, cache, iterations=1, keep="last", lr_image=lr, lr_text=lr / 2)
+    art = build("test_tm", tiny_protocol, cache, iterations=1, keep="last", data_optimizer="adam", lr_image=lr, lr_text=lr / 2)
     j = torch.as_tensor(art.info["init_caption_indices"])
     tr = tiny_protocol.train
     for d, step in (((art.image - tr.image[tr.caption_image[j]]).abs(), lr), ((art.text - tr.text[j]).abs(), lr / 2)):
@@ -147,9 +197,21 @@ def test_adam_data_update_first_step_moves_every_coordinate_by_its_lr(tiny_proto
         assert float((d > 0.99 * step).float().mean()) > 0.99
 
 
-def test_paper_sgd_data_update_is_available_and_differs(tiny_protocol, cache):
-    sgd = build("test_tm", tiny_protocol, cache, data_optimizer="sgd", lr_image=1000, lr_text=1000)
-    adam = build("test_tm", tiny_protocol, cache)
-    assert sgd.image.shape == adam.image.shape and not torch.equal(sgd.image, adam.image)
+def test_default_data_update_is_the_papers_sgd_and_its_first_step_is_linear_in_the_lr(tiny_protocol, cache):
+    cfg = METHODS.get("tm").Config()
+    assert (cfg.data_optimizer, cfg.lr_image, cfg.lr_text, cfg.momentum) == ("sgd", 1000.0, 1000.0, 0.5)
+    # SGD's first step is -lr * g (the momentum buffer starts at g) with g independent of the lr:
+    # doubling the lr doubles every coordinate's move exactly (up to rounding); Adam's would not
+    moves = []
+    for lr in (500.0, 1000.0):
+        art = build("test_tm", tiny_protocol, cache, iterations=1, keep="last", lr_image=lr, lr_text=lr)
+        j = torch.as_tensor(art.info["init_caption_indices"])
+        tr = tiny_protocol.train
+        moves.append((art.image - tr.image[tr.caption_image[j]], art.text - tr.text[j]))
+    for a, b in zip(*moves):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(b, 2 * a, rtol=1e-3, atol=1e-5)
+    adam = build("test_tm", tiny_protocol, cache, iterations=1, keep="last", data_optimizer="adam", lr_image=0.03)
+    assert not torch.equal(adam.image, art.image)
     with pytest.raises(BenchError, match="data_optimizer must be"):
         build("test_tm", tiny_protocol, cache, data_optimizer="rmsprop")
