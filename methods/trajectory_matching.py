@@ -44,7 +44,7 @@ end) a fresh student (seed 1000 + the selection seed, ``CHECK_SEED``) is trained
 with the protocol's recipe and scored on the held-out images (mean of the six recalls); the
 best-scoring set is returned (``info.holdout_curve`` records every check, ``info.kept_iteration`` the
 choice). This is early stopping on train data: val and test are never looked at. The held-out images
-were seen by the experts, so their scores run higher than val's; on val they peak at the same checks
+were seen by the experts, so their scores run higher than val's; on val the peaks mostly coincide
 (README). ``keep="best"`` returns the set at the lowest 25-iteration mean matching loss (the method's
 own objective), ``keep="last"`` the final set; both initialise from any train image.
 """
@@ -76,8 +76,8 @@ CHECK_SEED = 1_000  # + the selection seed: a check's student is not initialised
 
 
 def holdout_images(n_images: int, budget: int, wanted: int) -> np.ndarray:
-    """Train images held out for ``keep="holdout"``: ``min(wanted, n_images // 5)`` drawn from a
-    fixed seed, leaving at least ``budget`` images to initialise the set from."""
+    """Train images held out for ``keep="holdout"``: ``min(wanted, n_images // 5, n_images - budget)``
+    drawn from a fixed seed, so that ``budget`` images are left to initialise the set from."""
     n = min(wanted, n_images // 5, n_images - budget)
     if n < MIN_HOLDOUT:
         raise BenchError(f"tm keep=holdout needs {MIN_HOLDOUT} held-out train images beside the {budget} "
@@ -222,7 +222,7 @@ class TrajectoryMatching:
 
         rng = np.random.default_rng(seed)
         cap = p.train.caption_image.numpy()
-        if c.keep == "holdout":  # the set starts from, and is trained on, images outside the held-out part
+        if c.keep == "holdout":  # the set starts from images outside the held-out part
             held = holdout_images(p.train.n_images, budget, c.holdout_images)
             holdout = p.train.images_subset(held)
             rest = np.setdiff1d(np.arange(p.train.n_images), held)
