@@ -30,6 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 
 def _sync(device):
@@ -89,14 +91,48 @@ def conv_table(device: torch.device, n: int, channels: int, size: int, repeats: 
     return rows
 
 
+def _conv_macs(x_shape, w_shape, out_shape, transposed: bool) -> int:
+    """Multiply-adds of one convolution, grouped ones included: every output element of the
+    underlying (non-transposed) convolution costs ``prod(w_shape[1:])``."""
+    spatial = x_shape[2:] if transposed else out_shape[2:]
+    n = 1
+    for d in (x_shape[0], *spatial, *w_shape):
+        n *= d
+    return n
+
+
+class _FlopCount(TorchDispatchMode):
+    """FLOPs (2 per multiply-add) of the matrix products and convolutions dispatched inside, forward
+    and every backward. Convolutions are counted here (PyTorch's own formula for
+    ``convolution_backward`` over-counts grouped convolutions by the group count); matrix products by
+    PyTorch's formulas. (``FlopCounterMode`` itself cannot be used: its module tracker breaks
+    ``autograd.grad`` inside the exact unroll.)"""
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet is torch.ops.aten.convolution:
+            self.total += 2 * _conv_macs(args[0].shape, args[1].shape, out.shape, bool(args[6]))
+        elif packet is torch.ops.aten.convolution_backward:  # each gradient asked for costs one forward's MACs
+            grad_out, x, w, transposed, mask = args[0], args[1], args[2], bool(args[7]), args[10]
+            self.total += 2 * _conv_macs(x.shape, w.shape, grad_out.shape, transposed) * sum(bool(m) for m in mask[:2])
+        elif packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, images: int, repeats: int,
-               depthwise: str, autocast: str = "off") -> dict:
-    """One configuration, in this process: seconds per iteration and peak memory."""
+               depthwise: str, autocast: str = "off", flops: bool = False) -> dict:
+    """One configuration, in this process: seconds per iteration and peak memory; with ``flops``, also
+    the floating-point operations of one iteration and of its inner steps (PyTorch's FlopCounterMode:
+    matrix products and convolutions, forward and every backward) and the rate they ran at."""
     from torch.func import functional_call
 
     from bench.student import StudentConfig, build_student, contrastive_loss
@@ -155,9 +191,18 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
         mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
-    return {"mode": mode, "steps": steps, "depthwise": depthwise, "autocast": autocast, "image_size": image_size, "images": images,
-            "s_per_iteration": round(sec, 3), "inner_steps_s": round(_time(inner_only, device, 1), 3), **mem,
-            "n_params": int(theta0.numel())}
+    inner = _time(inner_only, device, 1)
+    row = {"mode": mode, "steps": steps, "depthwise": depthwise, "autocast": autocast, "image_size": image_size, "images": images,
+           "s_per_iteration": round(sec, 3), "inner_steps_s": round(inner, 3), **mem, "n_params": int(theta0.numel())}
+    if flops:
+        counts = []
+        for fn in (iteration, inner_only):
+            with _FlopCount() as fc:
+                fn()
+            counts.append(fc.total)
+        row.update({"gflop_per_iteration": round(counts[0] / 1e9, 1), "tflops_per_s": round(counts[0] / sec / 1e12, 2),
+                    "gflop_inner_steps": round(counts[1] / 1e9, 1), "inner_tflops_per_s": round(counts[1] / inner / 1e12, 2)})
+    return row
 
 
 def main(argv=None) -> int:
@@ -173,13 +218,15 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", default="off", choices=("off", "bf16"),
                     help="run the unrolled steps' forward in bf16 (timing only: see README on its gradients)")
     ap.add_argument("--conv-batch", type=int, default=20)
+    ap.add_argument("--flops", action="store_true", help="also count each iteration's FLOPs (FlopCounterMode) and report TFLOP/s")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per unroll configuration (it is then reported as timed out)")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE,STEPS,DEPTHWISE in this process
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if a.one:
         mode, steps, dw = a.one.split(",")
-        print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw, a.autocast)))
+        print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw, a.autocast, a.flops)))
         return 0
     out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -202,17 +249,25 @@ def main(argv=None) -> int:
                 for steps in a.steps.split(","):
                     cmd = [sys.executable, "-m", "bench.profile_unroll", "--device", a.device, "--one", f"{mode},{steps},{dw}",
                            "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats),
-                           "--autocast", a.autocast]
-                    res = subprocess.run(cmd, capture_output=True, text=True)
-                    lines = res.stdout.strip().splitlines()
-                    r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
-                        "mode": mode, "steps": int(steps), "depthwise": dw, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+                           "--autocast", a.autocast] + (["--flops"] if a.flops else [])
+                    try:
+                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                        lines = res.stdout.strip().splitlines()
+                        r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
+                            "mode": mode, "steps": int(steps), "depthwise": dw, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+                    except subprocess.TimeoutExpired:
+                        r = {"mode": mode, "steps": int(steps), "depthwise": dw, "error": f"timed out after {a.timeout:g} s"}
                     rows.append(r)
                     if "error" in r:
                         print(f"{mode:6s} {dw:9s} {steps:>5s} {r['error']}")
                     else:
-                        print(f"{mode:6s} {dw:9s} {steps:>5s} {r['s_per_iteration']:8.2f} {r['inner_steps_s']:8.2f} {r['peak_gib']:9.3f}")
+                        print(f"{mode:6s} {dw:9s} {steps:>5s} {r['s_per_iteration']:8.2f} {r['inner_steps_s']:8.2f} {r['peak_gib']:9.3f}"
+                              + (f"  {r['gflop_per_iteration']:.0f} GFLOP, {r['tflops_per_s']:.2f} TFLOP/s" if "tflops_per_s" in r else ""))
                     sys.stdout.flush()
+                    out["unroll"] = rows
+                    if a.out:  # after every configuration, so a run stopped early keeps what it measured
+                        with open(a.out, "w") as f:
+                            json.dump(out, f, indent=1)
         out["unroll"] = rows
     if a.out:
         with open(a.out, "w") as f:

@@ -308,3 +308,26 @@ def test_profile_script_runs_at_tiny_size():
     assert [r["layer"].split(" (")[0] for r in rows][:2] == ["depthwise 3x3"] * 2 and all(r["fwd_ms"] > 0 for r in rows)
     r = unroll_one(torch.device("cpu"), "exact", steps=2, image_size=32, images=2, repeats=1, depthwise="ours")
     assert r["s_per_iteration"] > 0 and r["n_params"] > 4_000_000 and "peak_gib" in r
+
+
+def test_profile_flop_count_is_the_hand_count_for_grouped_convolutions():
+    """2 FLOPs per multiply-add: a depthwise 3x3 layer (batch 2, 144 channels, 16x16, 'same') has
+    2*144*16*16*9 multiply-adds forward, and its backward costs that again per gradient asked for
+    (PyTorch's own formula counts the grouped backward 144x too high); a linear layer 2*n*in*out."""
+    from bench.profile_unroll import _FlopCount
+
+    macs = 2 * 144 * 16 * 16 * 9
+    x = torch.randn(2, 144, 16, 16, requires_grad=True)
+    w = torch.randn(144, 1, 3, 3, requires_grad=True)
+    with _FlopCount() as fc:
+        y = F.conv2d(x, w, padding=1, groups=144)
+    assert fc.total == 2 * macs
+    with _FlopCount() as fc:
+        torch.autograd.grad(y.sum(), (x, w), retain_graph=True)
+    assert fc.total == 2 * 2 * macs
+    with _FlopCount() as fc:
+        torch.autograd.grad(y.sum(), (w,))
+    assert fc.total == 2 * macs
+    with _FlopCount() as fc:
+        torch.nn.functional.linear(torch.randn(5, 7), torch.randn(3, 7))
+    assert fc.total == 2 * 5 * 7 * 3
