@@ -185,6 +185,45 @@ def test_keep_holdout_returns_the_checked_set_with_the_best_held_out_score(tiny_
     assert torch.equal(again.image, art.image) and again.info["holdout_curve"] == curve
 
 
+def _scripted_checks(protocol, scores):
+    """The protocol with its held-out check replaced by a script: check i scores ``scores[i]``; the
+    checked sets are recorded."""
+    seen = []
+
+    def evaluate(pairs, seeds, split=None):
+        seen.append((pairs.image.clone(), pairs.text.clone()))
+        return [{"mean": scores[len(seen) - 1]}]
+    scripted = copy.copy(protocol)
+    scripted.evaluate = evaluate
+    return scripted, seen
+
+
+def test_backoff_restores_the_best_set_and_scales_the_data_lr(tiny_protocol, cache):
+    # checks at iterations 0..3 score 10, 20, 5, 19: the collapse at 2 (below backoff_below 0.5 x 20)
+    # restores the set of iteration 1 and multiplies the data lr by `backoff`, so iteration 3 is one
+    # step from set 1 whose length scales with `backoff` (same set, same batches, same gradient)
+    moves, runs = {}, {}
+    for backoff in (0.5, 1.0):
+        p, seen = _scripted_checks(tiny_protocol, [10, 20, 5, 19])
+        runs[backoff] = build("test_tm", p, cache, iterations=3, check_every=1, backoff=backoff)
+        assert runs[backoff].info["backoffs"] == [2] and runs[backoff].info["kept_iteration"] == 1
+        moves[backoff] = [a - b for a, b in zip(seen[3], seen[1])]
+        assert torch.equal(runs[backoff].image, seen[1][0])  # the best checked set is returned
+    for half, full in zip(moves[0.5], moves[1.0]):
+        assert float(full.abs().max()) > 0
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-3, atol=1e-5)
+    # without backoff, iteration 3 continues from set 2
+    p, seen = _scripted_checks(tiny_protocol, [10, 20, 5, 19])
+    never = build("test_tm", p, cache, iterations=3, check_every=1, backoff_below=0)
+    assert never.info["backoffs"] == []
+    assert not torch.allclose(seen[3][0] - seen[1][0], moves[1.0][0])
+    # a drop that is not a collapse (15 >= 0.5 x 20) does not back off
+    p, _ = _scripted_checks(tiny_protocol, [10, 20, 15, 19])
+    assert build("test_tm", p, cache, iterations=3, check_every=1).info["backoffs"] == []
+    with pytest.raises(BenchError, match="backoff must be in"):
+        build("test_tm", tiny_protocol, cache, backoff=0)
+
+
 @pytest.mark.parametrize("lr", [0.03, 0.2])
 def test_adam_data_update_first_step_moves_every_coordinate_by_its_lr(tiny_protocol, cache, lr):
     # Adam's first step is lr * g / (|g| + eps): a coordinate moves by lr, less only where |g| is
