@@ -84,7 +84,7 @@ def conv_table(device: torch.device, n: int, channels: int, size: int, repeats: 
             return torch.autograd.grad((gx * gx.detach()).sum() + (gw * gw.detach()).sum(), (x, w))
 
         t = [_time(f, device, repeats) * 1000 for f in (fwd, fwd_bwd, double)]
-        macs = n * cout * size * size * k * k * cin // groups
+        macs = _conv_macs((n, cin, size, size), (cout, cin // groups, k, k), (n, cout, size, size), False)
         rows.append({"layer": name, "shape": [n, cin, size, size], "mmacs": round(macs / 1e6, 1), "fwd_ms": round(t[0], 3),
                      "fwd_bwd_ms": round(t[1], 3), "fwd_bwd_double_ms": round(t[2], 3),
                      "double_over_fwd": round(t[2] / t[0], 1)})
@@ -131,8 +131,8 @@ def _rss_mib() -> float:
 def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, images: int, repeats: int,
                depthwise: str, autocast: str = "off", flops: bool = False) -> dict:
     """One configuration, in this process: seconds per iteration and peak memory; with ``flops``, also
-    the floating-point operations of one iteration and of its inner steps (PyTorch's FlopCounterMode:
-    matrix products and convolutions, forward and every backward) and the rate they ran at."""
+    the floating-point operations of one iteration and of its inner steps (``_FlopCount``: matrix
+    products and convolutions, forward and every backward) and the rate they ran at."""
     from torch.func import functional_call
 
     from bench.student import StudentConfig, build_student, contrastive_loss
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", default="off", choices=("off", "bf16"),
                     help="run the unrolled steps' forward in bf16 (timing only: see README on its gradients)")
     ap.add_argument("--conv-batch", type=int, default=20)
-    ap.add_argument("--flops", action="store_true", help="also count each iteration's FLOPs (FlopCounterMode) and report TFLOP/s")
+    ap.add_argument("--flops", action="store_true", help="also count each iteration's FLOPs (convolutions and matrix products) and report TFLOP/s")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per unroll configuration (it is then reported as timed out)")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE,STEPS,DEPTHWISE in this process

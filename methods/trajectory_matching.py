@@ -53,7 +53,7 @@ away: the held-out score falls to a fraction of its best (on the synthetic set t
 chance level, from 65-67) and often never comes back. When a check scores below ``backoff_below`` (0.5)
 times the best check, the best set and its step size are restored, the optimisers' momentum is
 dropped, and the data lr is multiplied by ``backoff`` (0.25; restoring at lr 1000 collapses again, 0.5
-scored 1 point below 0.25 on synthetic val); ``info.backoffs`` lists the iterations.
+scored 0.3-1.1 points below 0.25 on synthetic val, within noise); ``info.backoffs`` lists the iterations.
 Dips that are not collapses (Flickr8k's runs dip by up to a third) leave the run alone, so a run without a
 collapse is exactly the run without the rule.
 """
