@@ -1,7 +1,9 @@
 """Speed of one trajectory-matching iteration (``methods.trajectory_matching.tm_iteration`` with the
 ``tm`` defaults: an unroll of ``syn_steps`` = 20 differentiable SGD steps of the linear heads
 student, 1280->512 and 384->512, on minibatches of ``batch_syn`` synthetic pairs, then the
-meta-backward and the optimiser steps) at 100 and 1000 synthetic pairs. The expert trajectory is
+meta-backward and the optimiser steps) at 100 and 1000 synthetic pairs, through the full unrolled
+graph (``naive``) and in the synthetic samples' space (``gram``, ``bench/gram_unroll.py``: what ``auto``
+picks below 832 pairs). The expert trajectory is
 a fake one of the real shape ([expert epochs + 1, 853,504] float16, a seeded random walk from the
 student's initialisation): timing does not depend on its values.
 """
@@ -29,8 +31,9 @@ def expert():
 
 
 @pytest.mark.benchmark(group="tm")
+@pytest.mark.parametrize("unroll", ["naive", "gram"])
 @pytest.mark.parametrize("n_pairs", [100, 1000])
-def test_bench_tm_iteration(benchmark, expert, n_pairs):
+def test_bench_tm_iteration(benchmark, expert, n_pairs, unroll):
     model, frozen, spec, traj = expert
     start, target = traj[0].float(), traj[CFG.expert_epochs].float()
     state = {}
@@ -46,7 +49,7 @@ def test_bench_tm_iteration(benchmark, expert, n_pairs):
         state.update(img=img, txt=txt, lr=lr, img0=img.detach().clone())
         return (model, frozen, spec, start, target, img, txt, lr, opts), dict(
             syn_steps=CFG.syn_steps, batch=min(CFG.batch_syn, n_pairs), temperature=StudentConfig().temperature,
-            min_lr=CFG.min_lr, gen=torch.Generator().manual_seed(0))
+            min_lr=CFG.min_lr, gen=torch.Generator().manual_seed(0), unroll=unroll)
 
     loss = benchmark.pedantic(tm_iteration, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0

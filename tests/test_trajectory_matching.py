@@ -254,3 +254,90 @@ def test_default_data_update_is_the_papers_sgd_and_its_first_step_is_linear_in_t
     assert not torch.equal(adam.image, art.image)
     with pytest.raises(BenchError, match="data_optimizer must be"):
         build("test_tm", tiny_protocol, cache, data_optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("n,batch,learn_text", [(12, 12, True), (12, 5, True), (12, 5, False)])
+def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
+    """The Gram-space unroll of linear heads is the naive unrolled graph's mathematics: the same
+    outer loss and gradients (float64), with full batches, minibatches that leave rows out, and one
+    side fixed."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    from bench.gram_unroll import gram_meta_backward
+    from bench.student import StudentConfig, build_student, contrastive_loss
+    from bench.trajectories import unflatten
+    from bench.unroll import meta_backward
+
+    student = build_student(StudentConfig(embed_dim=6), 9, 7, seed=0).double()
+    spec = [(name, p.shape) for name, p in trainable(student)]
+    g = torch.Generator().manual_seed(0)
+    theta0 = flatten(trainable(student))
+    target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
+    img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
+    batches = [torch.randperm(n, generator=g)[:batch] for _ in range(4)]
+    outer = lambda th: matching_loss(th, theta0, target)  # noqa: E731
+
+    def step_loss(theta, img, txt):
+        return contrastive_loss(*functional_call(student, unflatten(theta, spec), (img, txt)), 0.07)
+
+    def head_loss(zi, zt):
+        return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
+
+    got = []
+    for gram in (False, True):
+        img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
+        lr = torch.tensor(0.8, dtype=torch.double, requires_grad=True)
+        if gram:
+            loss = gram_meta_backward(head_loss, theta0, spec, [img, txt], batches, lr, outer)
+        else:
+            loss = meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode="naive")
+        got.append((loss, img.grad, txt.grad, lr.grad))
+    (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
+    assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
+    if batch < n:  # a row no batch drew gets no gradient in either
+        unused = sorted(set(range(n)) - set(torch.cat(batches).tolist()))
+        assert all(i_ref[r].abs().sum() == 0 for r in unused)
+    assert torch.allclose(l, l_ref, rtol=1e-12)
+    assert torch.allclose(i, i_ref, rtol=1e-9, atol=1e-12) and torch.allclose(a, a_ref, rtol=1e-9)
+    assert (t is None and t_ref is None) if not learn_text else torch.allclose(t, t_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_unroll_picks_gram_only_for_linear_heads_where_it_is_cheaper():
+    from methods.trajectory_matching import TMConfig
+
+    linear = [("image_head.weight", (512, 1280)), ("image_head.bias", (512,)),
+              ("text_head.weight", (512, 384)), ("text_head.bias", (512,))]
+    mlp = [("image_head.proj.weight", (512, 1280)), ("image_head.proj.bias", (512,))]
+    auto = TMConfig()
+    assert auto.unroll_mode("heads", linear, 100) == "gram"
+    assert auto.unroll_mode("heads", linear, 831) == "gram"  # 2 x 831 < 1280 + 384
+    assert auto.unroll_mode("heads", linear, 832) == "naive"
+    assert auto.unroll_mode("heads", mlp, 100) == "naive"
+    assert auto.unroll_mode("pixels", [("tower.w", (3, 3))] + linear, 100) == "exact"
+    assert TMConfig(unroll="naive").unroll_mode("heads", linear, 100) == "naive"
+    with pytest.raises(BenchError, match="linear heads"):
+        TMConfig(unroll="gram").unroll_mode("heads", mlp, 100)
+
+
+def test_tm_records_the_gram_unroll_and_matches_naive_closely(tiny_protocol, cache):
+    """Both unrolls of a whole (tiny) distillation land on nearly the same set: only float rounding differs."""
+    a = build("test_tm", tiny_protocol, cache, keep="last")
+    b = build("test_tm", tiny_protocol, cache, keep="last", unroll="naive")
+    assert a.info["unroll"] == "gram" and b.info["unroll"] == "naive"
+    assert torch.allclose(a.image, b.image, atol=1e-4) and torch.allclose(a.text, b.text, atol=1e-4)
+    assert a.lr == pytest.approx(b.lr, rel=1e-4)
+
+
+def test_grad_clip_caps_data_steps_at_a_multiple_of_the_recent_median(tiny_protocol, cache):
+    """With momentum 0, a cap of ~0 after the 10-iteration warm-up freezes the set: iterations 11-15
+    leave it where iteration 10 left it; without the cap they move it; bad values are refused."""
+    common = dict(keep="last", momentum=0)
+    at10 = build("test_tm", tiny_protocol, cache, iterations=10, **common)
+    frozen = build("test_tm", tiny_protocol, cache, iterations=15, grad_clip=1e-9, **common)
+    free = build("test_tm", tiny_protocol, cache, iterations=15, grad_clip=0, **common)
+    assert torch.allclose(frozen.image, at10.image, atol=1e-5) and torch.allclose(frozen.text, at10.text, atol=1e-5)
+    assert not torch.allclose(free.image, at10.image, atol=1e-3)
+    assert len(frozen.info["clipped"]) == 2 * 5 and all(r > 1e6 for _, _, r in frozen.info["clipped"])
+    assert "clipped" not in free.info
+    with pytest.raises(BenchError, match="grad_clip"):
+        build("test_tm", tiny_protocol, cache, grad_clip=-1)
