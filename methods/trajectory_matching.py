@@ -58,6 +58,13 @@ dropped, and the data lr is multiplied by ``backoff`` (0.25; restoring at lr 100
 scored 0.3-1.1 points below 0.25 on synthetic val, within noise); ``info.backoffs`` lists the iterations.
 Dips that are not collapses (Flickr8k's runs dip by up to a third) leave the run alone, so a run without a
 collapse is exactly the run without the rule.
+
+**Clipping** (``grad_clip``, default 3). What the collapses were: the synthetic features' norms and the
+learned step size grow slowly until one unroll's meta-gradient is ~10x its usual norm, and at lr 1000
+that one step throws the set away. Each data tensor's gradient norm is capped at ``grad_clip`` times
+the median of its last ``CLIP_HISTORY`` norms (once ``CLIP_WARMUP`` are known; raw norms are
+remembered, so the cap follows the run's own scale); ``info.clipped`` lists the clipped steps. With it
+no collapse was left on val (README), and the back-off became a safety net.
 """
 from __future__ import annotations
 
