@@ -64,7 +64,8 @@ learned step size grow slowly until one unroll's meta-gradient is ~10x its usual
 that one step throws the set away. Each data tensor's gradient norm is capped at ``grad_clip`` times
 the median of its last ``CLIP_HISTORY`` norms (once ``CLIP_WARMUP`` are known; raw norms are
 remembered, so the cap follows the run's own scale); ``info.clipped`` lists the clipped steps. With it
-no collapse was left on val (README), and the back-off became a safety net.
+no collapse was left in the val tuning runs and one (recovered by the back-off) in six final runs
+(README).
 """
 from __future__ import annotations
 
@@ -210,7 +211,8 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
     step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
     synthetic pairs drawn with ``gen``; backpropagate the matching loss to ``target`` into the
-    synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``bench/unroll.py``); step
+    synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``bench/unroll.py``, or gram for
+    linear heads, ``bench/gram_unroll.py``: it recomputes the loss from the heads' pre-activations); step
     ``opts``; keep ``syn_lr >= min_lr``. ``autocast``: a dtype to run each step's forward in (under
     ``torch.autocast``), or None for float32 (what the methods use: in bfloat16 the pretrained tower
     cannot see its own inner steps, see README "The pixels cut"). ``before_step()`` runs between the
