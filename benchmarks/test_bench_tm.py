@@ -3,37 +3,58 @@
 student, 1280->512 and 384->512, on minibatches of ``batch_syn`` synthetic pairs, then the
 meta-backward and the optimiser steps) at 100 and 1000 synthetic pairs, through the full unrolled
 graph (``naive``) and in the synthetic samples' space (``gram``, ``bench/gram_unroll.py``: what ``auto``
-picks below 832 pairs). The expert trajectory is
-a fake one of the real shape ([expert epochs + 1, 853,504] float16, a seeded random walk from the
-student's initialisation): timing does not depend on its values.
+picks below 832 pairs); and the same for ``tm_lora``'s student (rank-16 LoRA adapters on fixed
+linear heads), naive against ``lora`` (``bench/lora_unroll.py``, the base layer computed once per
+unroll). The expert trajectory is a fake one of the real shape ([expert epochs + 1, trainable
+parameters] float16, a seeded random walk from the student's initialisation): timing does not depend
+on its values.
 """
 import pytest
 import torch
 
 from bench.student import StudentConfig, build_student
-from bench.trajectories import flatten, trainable
+from bench.trajectories import ExpertConfig, flatten, make_lora_student, trainable
 from methods.trajectory_matching import TMConfig, tm_iteration
 
 D_IMG, D_TXT = 1280, 384
 CFG = TMConfig()
 
 
-@pytest.fixture(scope="module")
-def expert():
-    model = build_student(StudentConfig(), D_IMG, D_TXT, seed=0)
+def fake_expert(model):
     params = trainable(model)
     spec = [(n, tuple(p.shape)) for n, p in params]
     g = torch.Generator().manual_seed(1)
     steps = 0.01 * torch.randn(CFG.expert_train_epochs, sum(p.numel() for _, p in params), generator=g)
     traj = torch.cat([flatten(params)[None], flatten(params)[None] + steps.cumsum(0)]).half()
-    frozen = dict(model.named_buffers())  # the linear student has no frozen parameters or buffers
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad} | dict(model.named_buffers())
     return model, frozen, spec, traj
+
+
+@pytest.fixture(scope="module")
+def expert():
+    return fake_expert(build_student(StudentConfig(), D_IMG, D_TXT, seed=0))
+
+
+@pytest.fixture(scope="module")
+def lora_expert():  # tm_lora's student: rank-16 adapters on fixed linear heads
+    return fake_expert(make_lora_student(build_student(StudentConfig(), D_IMG, D_TXT, seed=0), ExpertConfig(lora_rank=16)))
 
 
 @pytest.mark.benchmark(group="tm")
 @pytest.mark.parametrize("unroll", ["naive", "gram"])
 @pytest.mark.parametrize("n_pairs", [100, 1000])
 def test_bench_tm_iteration(benchmark, expert, n_pairs, unroll):
+    run_iteration(benchmark, expert, n_pairs, unroll)
+
+
+@pytest.mark.benchmark(group="tm_lora")
+@pytest.mark.parametrize("unroll", ["naive", "lora"])
+@pytest.mark.parametrize("n_pairs", [100, 1000])
+def test_bench_tm_lora_iteration(benchmark, lora_expert, n_pairs, unroll):
+    run_iteration(benchmark, lora_expert, n_pairs, unroll)
+
+
+def run_iteration(benchmark, expert, n_pairs, unroll):
     model, frozen, spec, traj = expert
     start, target = traj[0].float(), traj[CFG.expert_epochs].float()
     state = {}

@@ -328,6 +328,72 @@ def test_tm_records_the_gram_unroll_and_matches_naive_closely(tiny_protocol, cac
     assert a.lr == pytest.approx(b.lr, rel=1e-4)
 
 
+@pytest.mark.parametrize("n,batch,learn_text", [(12, 12, True), (12, 5, False)])
+def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
+    """The LoRA-heads unroll (base layer computed once per unroll) is the naive unrolled graph of the
+    peft-wrapped student: the same outer loss and gradients (float64), adapters started away from
+    peft's B = 0, with minibatches and with the text side fixed."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    from bench.lora_unroll import lora_meta_backward, lora_scaling, supports
+    from bench.student import StudentConfig, build_student, contrastive_loss
+    from bench.trajectories import make_lora_student, unflatten
+    from bench.unroll import meta_backward
+
+    model = make_lora_student(build_student(StudentConfig(embed_dim=6), 9, 7, seed=0), ExpertConfig(lora_rank=2, lora_alpha=3)).double()
+    spec = [(name, p.shape) for name, p in trainable(model)]
+    assert supports(spec) and lora_scaling(model) == 1.5
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(flatten(trainable(model)).shape, generator=g, dtype=torch.double)
+    target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
+    img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
+    batches = [torch.randperm(n, generator=g)[:batch] for _ in range(4)]
+    outer = lambda th: matching_loss(th, theta0, target)  # noqa: E731
+
+    def step_loss(theta, img, txt):
+        return contrastive_loss(*functional_call(model, unflatten(theta, spec) | frozen, (img, txt)), 0.07)
+
+    def head_loss(zi, zt):
+        return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
+
+    got = []
+    for fast in (False, True):
+        img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
+        lr = torch.tensor(0.8, dtype=torch.double, requires_grad=True)
+        if fast:
+            loss = lora_meta_backward(head_loss, theta0, spec, frozen, 1.5, [img, txt], batches, lr, outer)
+        else:
+            loss = meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode="naive")
+        got.append((loss, img.grad, txt.grad, lr.grad))
+    (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
+    assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
+    assert torch.allclose(l, l_ref, rtol=1e-12)
+    assert torch.allclose(i, i_ref, rtol=1e-9, atol=1e-12) and torch.allclose(a, a_ref, rtol=1e-9)
+    assert (t is None and t_ref is None) if not learn_text else torch.allclose(t, t_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_unroll_picks_lora_for_lora_heads_and_tm_lora_records_it(tiny_protocol, cache):
+    """auto: lora for LoRA heads below syn_steps x batch pairs; a tiny tm_lora lands on nearly the
+    set the naive unroll gives (float rounding only); unroll=lora without LoRA is one clear error."""
+    from methods.trajectory_matching import TMConfig
+
+    lora = [(f"base_model.model.{h}.lora_{x}.default.weight", (1, 1)) for h in ("image_head", "text_head") for x in "AB"]
+    linear = [("image_head.weight", (512, 1280)), ("image_head.bias", (512,)),
+              ("text_head.weight", (512, 384)), ("text_head.bias", (512,))]
+    assert TMConfig().unroll_mode("heads", lora, 1000) == "lora"  # 1000 < 20 x 128
+    assert TMConfig(syn_steps=5).unroll_mode("heads", lora, 640) == "naive"  # 5 x 128
+    with pytest.raises(BenchError, match="LoRA on linear heads"):
+        TMConfig(unroll="lora").unroll_mode("heads", linear, 100)
+    a = build("test_tm_lora", tiny_protocol, cache, keep="last")
+    b = build("test_tm_lora", tiny_protocol, cache, keep="last", unroll="naive")
+    assert a.info["unroll"] == "lora" and b.info["unroll"] == "naive"
+    tr, j = tiny_protocol.train, torch.as_tensor(a.info["init_caption_indices"])
+    assert float((a.image - tr.image[tr.caption_image[j]]).abs().max()) > 1e-3  # the set moved
+    assert torch.allclose(a.image, b.image, atol=1e-4) and torch.allclose(a.text, b.text, atol=1e-4)
+    assert a.lr == pytest.approx(b.lr, rel=1e-4)
+
+
 def test_grad_clip_caps_data_steps_at_a_multiple_of_the_recent_median(tiny_protocol, cache):
     """With momentum 0, a cap of ~0 after the 10-iteration warm-up freezes the set: iterations 11-15
     leave it where iteration 10 left it; without the cap they move it; bad values are refused."""
