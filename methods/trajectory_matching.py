@@ -120,7 +120,10 @@ class TMConfig:
     syn_steps: int = 20
     expert_epochs: int = 2
     max_start_epoch: int = 4
-    batch_syn: int = 128  # synthetic pairs per unrolled step (all of them when the budget is smaller)
+    batch_syn: int = 128  # synthetic pairs per unrolled step, for budgets of at least ``whole_below``
+    # budgets below this unroll the whole set at every step (MTT's and the paper's code's default at every
+    # budget; from 256 on minibatches bound the cost): at 200 pairs a whole-set unroll scored higher
+    whole_below: int = 256
     # how the synthetic data is updated: "sgd" (the paper's: lr 1000, momentum 0.5; default) or "adam"
     # (per-coordinate steps of about lr_image/lr_text, betas (momentum, 0.999); try lr 0.03)
     data_optimizer: str = "sgd"
@@ -171,6 +174,8 @@ class TMConfig:
             raise BenchError(f"tm backoff must be in (0, 1] and backoff_below in [0, 1), not {self.backoff}, {self.backoff_below}")
         if self.grad_clip < 0:
             raise BenchError(f"tm grad_clip must be >= 0 (0 = off), not {self.grad_clip}")
+        if self.batch_syn < 1 or self.whole_below < 0:
+            raise BenchError(f"tm batch_syn must be >= 1 and whole_below >= 0, not {self.batch_syn}, {self.whole_below}")
         if self.check_every < 1 or self.holdout_images < 1:
             raise BenchError(f"tm check_every and holdout_images must be >= 1, not {self.check_every}, {self.holdout_images}")
 
@@ -188,9 +193,13 @@ class TMConfig:
             return "exact"
         if gram_supports(spec) and gram_is_cheaper(spec, budget):
             return "gram"
-        if lora_supports(spec) and lora_is_cheaper(budget, self.syn_steps * min(self.batch_syn, budget)):
+        if lora_supports(spec) and lora_is_cheaper(budget, self.syn_steps * self.unroll_batch(budget)):
             return "lora"
         return "naive"
+
+    def unroll_batch(self, budget: int) -> int:
+        """Synthetic pairs per unrolled step: the whole set below ``whole_below`` pairs, else ``batch_syn``."""
+        return budget if budget < self.whole_below else min(self.batch_syn, budget)
 
     def experts(self) -> ExpertConfig:
         return ExpertConfig(n_experts=self.n_experts, epochs=self.expert_train_epochs, lr=self.expert_lr,
@@ -317,7 +326,7 @@ class TrajectoryMatching:
 
         gen = torch.Generator().manual_seed(seed)
         temp = p.cfg.student.temperature
-        bs = min(c.batch_syn, budget)
+        bs = c.unroll_batch(budget)
         losses, t0, rss_early = [], time.time(), _rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -405,7 +414,7 @@ class TrajectoryMatching:
         info = {"match_loss_first": float(np.mean(losses[:k])), "match_loss_last": float(np.mean(losses[-k:])),
                 "learned_lr": float(syn_lr.item()), "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
                 "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
-                "init_caption_indices": init.tolist(), "unroll": mode,
+                "init_caption_indices": init.tolist(), "unroll": mode, "unroll_batch": bs,
                 "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
         if c.grad_clip > 0:
             info["clipped"] = clipped
