@@ -30,7 +30,7 @@ rounding; the pixels cut's default); ``fd`` does the same without double backwar
 differences of two gradients (radius ``fd_radius``); ``gram`` (``bench/gram_unroll.py``, linear heads
 only) is naive's mathematics computed in the space of the synthetic pairs, ~3x faster at 100 pairs;
 ``lora`` (``bench/lora_unroll.py``, LoRA on linear heads: ``tm_lora`` under heads) is naive with the
-frozen base layer computed once per unroll instead of once per step, ~5x faster at 100 pairs.
+frozen base layer computed once per unroll instead of once per step, 1.8x faster at 100 pairs.
 ``auto`` picks exact under pixels; under heads gram where it is cheaper (linear heads, fewer than
 (image + text input dims) / 2 pairs, i.e. up to 831 with the default encoders), lora for LoRA heads
 (fewer pairs than the unroll's syn_steps x batch rows), naive otherwise.
