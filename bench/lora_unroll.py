@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from bench.gram_unroll import HEADS  # the data tensors, in order, feed these heads
 from bench.trajectories import unflatten
 
-HEADS = ("image_head", "text_head")  # the data tensors, in order, feed these heads
 PREFIX = "base_model.model."  # where peft puts the wrapped student
 
 

@@ -256,42 +256,56 @@ def test_default_data_update_is_the_papers_sgd_and_its_first_step_is_linear_in_t
         build("test_tm", tiny_protocol, cache, data_optimizer="rmsprop")
 
 
+def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, learn_text, fast):
+    """Float64 meta-gradients of one 4-step unroll of ``model`` (flat trainable parameters at
+    ``theta0``, plus ``frozen``) on random data drawn from ``g``: through ``meta_backward(naive)`` and
+    through ``fast(head_loss, data, batches, lr, outer)``. Returns ``[(loss, image grad, text grad,
+    lr grad)]`` for naive then fast, and the batches."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    from bench.student import contrastive_loss
+    from bench.trajectories import unflatten
+    from bench.unroll import meta_backward
+
+    spec = [(name, p.shape) for name, p in trainable(model)]
+    img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
+    batches = [torch.randperm(n, generator=g)[:batch] for _ in range(4)]
+    outer = lambda th: matching_loss(th, theta0, target)  # noqa: E731
+
+    def step_loss(theta, img, txt):
+        return contrastive_loss(*functional_call(model, unflatten(theta, spec) | frozen, (img, txt)), 0.07)
+
+    def head_loss(zi, zt):
+        return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
+
+    got = []
+    for use_fast in (False, True):
+        img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
+        lr = torch.tensor(0.8, dtype=torch.double, requires_grad=True)
+        if use_fast:
+            loss = fast(head_loss, [img, txt], batches, lr, outer)
+        else:
+            loss = meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode="naive")
+        got.append((loss, img.grad, txt.grad, lr.grad))
+    return got, batches
+
+
 @pytest.mark.parametrize("n,batch,learn_text", [(12, 12, True), (12, 5, True), (12, 5, False)])
 def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     """The Gram-space unroll of linear heads is the naive unrolled graph's mathematics: the same
     outer loss and gradients (float64), with full batches, minibatches that leave rows out, and one
     side fixed."""
-    import torch.nn.functional as F
-    from torch.func import functional_call
     from bench.gram_unroll import gram_meta_backward
-    from bench.student import StudentConfig, build_student, contrastive_loss
-    from bench.trajectories import unflatten
-    from bench.unroll import meta_backward
+    from bench.student import StudentConfig, build_student
 
     student = build_student(StudentConfig(embed_dim=6), 9, 7, seed=0).double()
     spec = [(name, p.shape) for name, p in trainable(student)]
     g = torch.Generator().manual_seed(0)
     theta0 = flatten(trainable(student))
     target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
-    img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
-    batches = [torch.randperm(n, generator=g)[:batch] for _ in range(4)]
-    outer = lambda th: matching_loss(th, theta0, target)  # noqa: E731
-
-    def step_loss(theta, img, txt):
-        return contrastive_loss(*functional_call(student, unflatten(theta, spec), (img, txt)), 0.07)
-
-    def head_loss(zi, zt):
-        return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
-
-    got = []
-    for gram in (False, True):
-        img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
-        lr = torch.tensor(0.8, dtype=torch.double, requires_grad=True)
-        if gram:
-            loss = gram_meta_backward(head_loss, theta0, spec, [img, txt], batches, lr, outer)
-        else:
-            loss = meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode="naive")
-        got.append((loss, img.grad, txt.grad, lr.grad))
+    got, batches = naive_and_fast_meta_gradients(
+        student, {}, theta0, target, g, n, batch, learn_text,
+        lambda head_loss, data, batches, lr, outer: gram_meta_backward(head_loss, theta0, spec, data, batches, lr, outer))
     (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
     assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
     if batch < n:  # a row no batch drew gets no gradient in either
@@ -333,12 +347,9 @@ def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     """The LoRA-heads unroll (base layer computed once per unroll) is the naive unrolled graph of the
     peft-wrapped student: the same outer loss and gradients (float64), adapters started away from
     peft's B = 0, with minibatches and with the text side fixed."""
-    import torch.nn.functional as F
-    from torch.func import functional_call
     from bench.lora_unroll import lora_meta_backward, lora_scaling, supports
-    from bench.student import StudentConfig, build_student, contrastive_loss
-    from bench.trajectories import make_lora_student, unflatten
-    from bench.unroll import meta_backward
+    from bench.student import StudentConfig, build_student
+    from bench.trajectories import make_lora_student
 
     model = make_lora_student(build_student(StudentConfig(embed_dim=6), 9, 7, seed=0), ExpertConfig(lora_rank=2, lora_alpha=3)).double()
     spec = [(name, p.shape) for name, p in trainable(model)]
@@ -347,25 +358,9 @@ def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     g = torch.Generator().manual_seed(0)
     theta0 = torch.randn(flatten(trainable(model)).shape, generator=g, dtype=torch.double)
     target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
-    img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
-    batches = [torch.randperm(n, generator=g)[:batch] for _ in range(4)]
-    outer = lambda th: matching_loss(th, theta0, target)  # noqa: E731
-
-    def step_loss(theta, img, txt):
-        return contrastive_loss(*functional_call(model, unflatten(theta, spec) | frozen, (img, txt)), 0.07)
-
-    def head_loss(zi, zt):
-        return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
-
-    got = []
-    for fast in (False, True):
-        img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
-        lr = torch.tensor(0.8, dtype=torch.double, requires_grad=True)
-        if fast:
-            loss = lora_meta_backward(head_loss, theta0, spec, frozen, 1.5, [img, txt], batches, lr, outer)
-        else:
-            loss = meta_backward(step_loss, theta0, [img, txt], batches, lr, outer, mode="naive")
-        got.append((loss, img.grad, txt.grad, lr.grad))
+    got, _ = naive_and_fast_meta_gradients(
+        model, frozen, theta0, target, g, n, batch, learn_text,
+        lambda head_loss, data, batches, lr, outer: lora_meta_backward(head_loss, theta0, spec, frozen, 1.5, data, batches, lr, outer))
     (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
     assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
     assert torch.allclose(l, l_ref, rtol=1e-12)
