@@ -263,7 +263,8 @@ def cmd_evaluate(args) -> int:
 
     art, meta = Artifact.load(args.artifact)
     pc = dict(meta["protocol_config"])
-    pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**pc["recipe"])
+    recipe = {"batching": "ragged", **pc["recipe"]}  # artifacts from before the field were trained on ragged batches
+    pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**recipe)
     pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
     if args.data_root:
         pc["data_root"] = args.data_root

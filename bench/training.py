@@ -11,7 +11,16 @@ evaluation: SGD, momentum 0.9, weight decay 5e-4, batch 64). The step size follo
   on Flickr8k val a 100-pair ``tm`` set scored 14.7 mean recall that way and 38 with the conversion.)
 
 Batches are drawn from a generator seeded by the eval seed only, so the same seed gives the same
-numbers; the last partial batch of an epoch is used (dropped only if it holds a single pair).
+numbers. ``batching`` says how an epoch of n pairs is cut:
+
+* ``even`` (default): into ``ceil(n / batch_size)`` batches whose sizes differ by at most one
+  (200 pairs: 4 x 50; 500: 8 x 62-63). A contrastive loss's batch *is* its set of negatives, so a
+  ragged last batch is a different, much smaller loss taken at the full step size, once per epoch;
+* ``ragged`` (the paper's code, a plain DataLoader): batches of ``batch_size`` and the remainder
+  (200 pairs: 64, 64, 64 and 8). On Flickr8k val and the synthetic set, ``tm``'s 200-pair sets lost
+  several points to their 8-pair batch (README "Session 8: the ragged batch").
+
+A batch of a single pair has no negatives and is skipped.
 
 Under the ``pixels`` cut the student's tower trains too, at ``lr * student.tower_lr_scale``
 (``Student.param_groups``). Batches move to the device the student is on.
@@ -26,6 +35,8 @@ import torch
 from bench.errors import BenchError
 from bench.student import Student, contrastive_loss
 
+BATCHING = ("even", "ragged")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -35,10 +46,25 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_policy: str = "learned"
+    batching: str = "even"
 
     def __post_init__(self):
         if self.lr_policy not in ("fixed", "learned"):
             raise BenchError(f"unknown lr_policy {self.lr_policy!r}; available: fixed, learned")
+        if self.batching not in BATCHING:
+            raise BenchError(f"unknown batching {self.batching!r}; available: {', '.join(BATCHING)}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise BenchError(f"recipe batch_size and epochs must be >= 1, not {self.batch_size}, {self.epochs}")
+
+    def batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """One epoch's batches: ``order`` (a permutation) cut as ``batching`` says."""
+        n = len(order)
+        if n == 0:
+            return []
+        bs = min(self.batch_size, n)
+        if self.batching == "ragged":
+            return [order[s:s + bs] for s in range(0, n, bs)]
+        return list(torch.tensor_split(order, -(-n // bs)))
 
     def step_size(self, learned: Optional[float]) -> float:
         if self.lr_policy == "learned" and learned is not None:
@@ -78,15 +104,14 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
     opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     dev = next(student.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    n, bs = len(pairs), min(recipe.batch_size, len(pairs))
+    n = len(pairs)
     temp = student.cfg.temperature
     student.train()
     if on_epoch:
         on_epoch(0, student)
     for epoch in range(1, recipe.epochs + 1):
         order = torch.randperm(n, generator=gen)
-        for s in range(0, n, bs):
-            j = order[s:s + bs]
+        for j in recipe.batches(order):
             if len(j) < 2:  # a last batch of one pair has no negatives
                 continue
             img, txt = student(pairs.image[pairs.pair_image[j]].to(dev), pairs.text[j].to(dev))
