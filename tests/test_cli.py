@@ -169,6 +169,29 @@ def test_report_and_evaluate_artifact(tmp_path, cache, capsys):
     assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
 
 
+def test_an_artifact_from_before_the_batching_field_is_re_evaluated_on_ragged_batches(tmp_path, cache, capsys):
+    """Artifacts written before ``recipe.batching`` existed were scored with ragged batches; re-evaluating
+    one must reproduce its protocol (id and numbers), not silently switch to even batches."""
+    out = tmp_path / "runs"
+    # 20 pairs at batch 16: ragged 16 + 4, even 10 + 10
+    assert run(out, cache, "--methods", "random", "--ipc", "20", "--seeds", "1", "--set", "recipe.batching=ragged") == 0
+    rec = json.loads(next(f for f in cells(out) if f.name == "20_s0.json").read_text())
+    side = Path(rec["artifact"]).with_suffix(".json")
+    meta = json.loads(side.read_text())
+    assert meta["protocol_config"]["recipe"].pop("batching") == "ragged"
+    side.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", rec["artifact"], "--seeds", "1", "--cache-dir", str(cache)]) == 0
+    out_ = capsys.readouterr()
+    res = json.loads(out_.out)
+    assert res["protocol_id"] == rec["protocol_id"] and "differs" not in out_.err
+    assert res["metrics_per_seed"][0]["mean"] == pytest.approx(rec["metrics_per_seed"][0]["mean"])
+    even = run(tmp_path / "even", cache, "--methods", "random", "--ipc", "20", "--seeds", "1")
+    rec_even = json.loads(next(f for f in cells(tmp_path / "even") if f.name == "20_s0.json").read_text())
+    assert even == 0 and rec_even["protocol_id"] != rec["protocol_id"]
+    assert rec_even["metrics_per_seed"][0]["mean"] != rec["metrics_per_seed"][0]["mean"]
+
+
 def test_list_commands(capsys):
     assert main(["list", "methods"]) == 0
     assert "random" in capsys.readouterr().out
