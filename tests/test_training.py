@@ -46,10 +46,9 @@ def _same(a, b):
 
 
 def test_even_batching_is_ragged_batching_at_the_even_size_and_changes_only_uneven_sets(tiny_protocol):
-    base = Recipe(epochs=2, batch_size=16, lr=0.05)
     even = lambda n, bs: _student_after(tiny_protocol, n, Recipe(epochs=2, batch_size=bs, lr=0.05, batching="even"))
     ragged = lambda n, bs: _student_after(tiny_protocol, n, Recipe(epochs=2, batch_size=bs, lr=0.05, batching="ragged"))
-    assert base.batching == "even"
+    assert Recipe().batching == "even"  # the default
     # 48 pairs at batch 20: even cuts 3 x 16, which is what ragged batches of 16 are (same permutation)
     assert _same(even(48, 20), ragged(48, 16))
     assert not _same(even(48, 20), ragged(48, 20))  # ragged at 20: 20, 20, 8
