@@ -1,4 +1,7 @@
-"""The command line: ``python -m bench run|report|status|list|evaluate``.
+"""The command line: ``python -m bench run|experts|report|status|list|evaluate|regress``.
+
+``--plugin FILE_OR_MODULE`` (and ``$VLBENCH_PLUGINS``, and installed entry points; ``bench/plugins.py``)
+loads methods, datasets and encoders from outside the repository before the command runs.
 
 Exit codes: 0 all cells ok, 1 some cell failed, 2 bad usage or input (one error line, no traceback).
 """
@@ -57,6 +60,12 @@ def _shard(text: str) -> tuple[int, int]:
     return vals
 
 
+def _plugin_arg(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="a .py file or module that registers methods, datasets or encoders (repeatable; "
+                        "also $VLBENCH_PLUGINS, separated by the OS path separator)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="vlbench: VL dataset distillation vs coreset selection, one protocol.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list methods, datasets or encoders")
     ls.add_argument("what", choices=("methods", "datasets", "encoders"))
     ls.add_argument("pattern", nargs="?", default="*")
+    _plugin_arg(ls)
 
     rg = sub.add_parser("regress", help="run the small fixed regression grid and compare it with the committed baseline")
     rg.add_argument("--config", default="auto", help="regression configuration: auto (flickr8k-small when ../shared "
@@ -108,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", default=None, help="where the dataset lives on this machine, if moved")
     ev.add_argument("--cache-dir", type=Path, default=None)
     ev.add_argument("--device", default="cpu")
+    _plugin_arg(ev)
     return p
 
 
@@ -125,11 +136,12 @@ def _protocol_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--text-encoder", default="minilm_l6")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting: recipe.FIELD, student.FIELD or METHOD.FIELD (repeatable)")
+    _plugin_arg(r)
 
 
 def _apply_sets(args) -> tuple[object, object, dict]:
-    from bench.student import StudentConfig
-    from bench.training import Recipe
+    from bench.protocol.student import StudentConfig
+    from bench.protocol.training import Recipe
     from methods.base import parse_value
 
     student, recipe, methods = {}, {}, {}
@@ -173,7 +185,7 @@ def _protocol_config(args):
 
 def cmd_experts(args) -> int:
     from bench.protocol import build_protocol
-    from bench.trajectories import ExpertBuffer
+    from methods.tm.experts import ExpertBuffer
     from datasets.features import default_cache_dir
     from methods import METHODS
     from methods.base import MethodContext, method_config, prepare
@@ -204,14 +216,15 @@ def cmd_experts(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from bench.runner import ExecutorConfig, RunConfig, execute
+    from bench.executors import ExecutorConfig
+    from bench.runner import RunConfig, execute
 
     if args.executor != "ray" and (args.ray_address is not None or args.ray_cpus != 1):
         raise BenchError("--ray-address and --ray-cpus need --executor ray")
     pcfg, method_opts = _protocol_config(args)
     run = RunConfig(protocol=pcfg, methods=args.methods, budgets=args.ipc, seeds=args.seeds, eval_seeds=args.eval_seeds,
                     out=args.out, force=args.force, device=args.device, cache_dir=args.cache_dir,
-                    method_options=method_opts, argv=sys.argv, shard=args.shard,
+                    method_options=method_opts, argv=sys.argv, shard=args.shard, plugins=args.plugin_paths,
                     executor=ExecutorConfig(kind=args.executor, address=args.ray_address, cpus_per_task=args.ray_cpus))
     _, recs = execute(run)
     failed = [r for r in recs if r.get("status") != "ok"]
@@ -232,7 +245,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from bench.status import status_lines
+    from bench.results import status_lines
 
     lines, code = status_lines(args.out)
     print("\n".join(lines))
@@ -257,8 +270,8 @@ def cmd_list(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from bench.protocol import ProtocolConfig, build_protocol
-    from bench.student import StudentConfig
-    from bench.training import Recipe
+    from bench.protocol.student import StudentConfig
+    from bench.protocol.training import Recipe
     from methods.base import Artifact
 
     art, meta = Artifact.load(args.artifact)
@@ -321,6 +334,11 @@ COMMANDS = {"run": cmd_run, "regress": cmd_regress, "experts": cmd_experts, "rep
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "plugin"):
+            from bench.plugins import load_plugins, plugin_specs
+
+            loaded = load_plugins(plugin_specs(args.plugin))
+            args.plugin_paths = tuple(rec["plugin"] for rec in loaded)  # files absolute, for Ray workers
         return COMMANDS[args.command](args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,11 @@
 """Executors: where a grid's cells are computed. The driver (``bench.runner.execute``) stores every
 result itself, with the atomic writers of ``bench/results.py``, the moment it arrives.
 
+An executor knows nothing of cells' contents: the runner hands it a ``Work`` (compute a cell here,
+the importable task function and arguments that compute it on a worker, the record of a lost cell,
+and where to store a result), so this module imports nothing of the runner's and the runner
+imports it one way.
+
 * ``local`` (default): one cell after another in this process, as always.
 * ``ray``: each cell is a Ray task (``num_cpus=cpus_per_task``, and ``num_gpus=1`` with a CUDA
   device). A task returns the cell's record and artifact to the driver; workers write nothing. Ray
@@ -23,21 +28,46 @@ on. A rerun of the same command redoes exactly the cells that are not done.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from bench.errors import BenchError
 from bench.progress import progress
-from bench.runner import Cell, CellResult, ExecutorConfig, RunConfig, compute_cell, failed_result
 
 REPO = Path(__file__).resolve().parents[1]
-Store = Callable[[Cell, CellResult], None]
+
+
+@dataclass
+class ExecutorConfig:
+    """Where cells run: ``local`` (one after another in this process; the default) or ``ray`` (each
+    cell a Ray task)."""
+    kind: str = "local"
+    address: Optional[str] = None  # ray: None = a new local instance (or $RAY_ADDRESS); "auto"; "HOST:PORT"
+    cpus_per_task: int = 1  # ray: CPUs (and torch threads) per cell; one GPU per cell with device cuda
+    max_retries: int = 1  # ray: reruns of a cell whose worker process or node died (not of a cell that raised)
+
+
+@dataclass
+class Work:
+    """What an executor needs of a grid, given by the runner.
+
+    ``compute(cell)`` computes a cell in this process; ``task`` is an importable module-level function
+    that computes one on a worker from ``task_args(cell)`` (plain, picklable values); ``lost(cell,
+    error, traceback, seconds)`` is the result of a cell whose worker died; ``store(cell, result)``
+    writes a result (the driver's job); ``gpu`` asks one GPU per task; ``worker_run`` is put in Ray's
+    object store once and passed to every task as its second argument."""
+    compute: Callable[[Any], Any]
+    task: Callable[..., Any]
+    task_args: Callable[[Any], tuple]
+    lost: Callable[[Any, str, str, float], Any]
+    store: Callable[[Any, Any], None]
+    worker_run: Any = None
+    gpu: bool = False
 
 
 class LocalExecutor:
@@ -52,9 +82,9 @@ class LocalExecutor:
     def __exit__(self, *exc):
         return False
 
-    def run(self, cells: list[Cell], protocol, run: RunConfig, store: Store) -> None:
+    def run(self, cells: list, work: Work) -> None:
         for c in cells:
-            store(c, compute_cell(c, protocol, run, self.log))
+            work.store(c, work.compute(c))
 
 
 class RayExecutor:
@@ -91,24 +121,19 @@ class RayExecutor:
             self.ray.shutdown()
         return False
 
-    def run(self, cells: list[Cell], protocol, run: RunConfig, store: Store) -> None:
+    def run(self, cells: list, work: Work) -> None:
         if not cells:
             return
-        ray, cfg = self.ray, self.cfg
-        gpu = run.device.startswith("cuda")
+        ray, cfg, gpu = self.ray, self.cfg, work.gpu
         res = ray.cluster_resources()
         if gpu and res.get("GPU", 0) < 1:
             self.log("warning: --device cuda but the Ray cluster has no GPU now; tasks wait until one joins")
-        # Workers resolve nothing on their own: the cache dir is fixed here, absolute.
-        from datasets.features import default_cache_dir
-        wrun = dataclasses.replace(run, cache_dir=Path(run.cache_dir or default_cache_dir()).absolute())
         pythonpath = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         opts = dict(num_cpus=cfg.cpus_per_task, num_gpus=1 if gpu else 0, max_retries=cfg.max_retries,
                     retry_exceptions=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-        task = ray.remote(cell_task).options(**opts)
-        run_ref = ray.put(wrun)
-        cwd = os.getcwd()
-        refs = {task.remote(cell_spec(c), run_ref, protocol.id, cwd, cfg.cpus_per_task): (c, time.time()) for c in cells}
+        task = ray.remote(work.task).options(**opts)
+        run_ref = ray.put(work.worker_run)
+        refs = {task.remote(a[0], run_ref, *a[1:]): (c, time.time()) for c in cells for a in [work.task_args(c)]}
         pending = list(refs)
         self.log(f"ray: {len(pending)} cells submitted ({cfg.cpus_per_task} CPU{'s' if cfg.cpus_per_task > 1 else ''}"
                  f"{' + 1 GPU' if gpu else ''} each)")
@@ -120,12 +145,9 @@ class RayExecutor:
                     cell, t0 = refs[ready[0]]
                     try:
                         result = ray.get(ready[0])
-                        art = result.artifact
-                        if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
-                            art.indices = np.array(art.indices)
                     except ray.exceptions.RayError as e:  # the worker or its node died, or the task could not run
-                        result = failed_result(cell, protocol, run, ray_error_message(e), str(e), time.time() - t0)
-                    store(cell, result)
+                        result = work.lost(cell, ray_error_message(e), str(e), time.time() - t0)
+                    work.store(cell, result)
                     n_done += 1
                     bar.update(1)
                     r = result.record
@@ -152,47 +174,3 @@ def make_executor(cfg: ExecutorConfig, log: Callable = print):
     if cfg.kind == "ray":
         return RayExecutor(cfg, log)
     raise BenchError(f"unknown executor {cfg.kind!r}; available: local, ray")
-
-
-# ------------------------------------------------------------------------------------- worker side
-def cell_spec(cell: Cell) -> dict:
-    """What a worker needs to rebuild a cell: plain values (a method's config class may be made at
-    import time, so it travels as a dict and is rebuilt from the worker's registry)."""
-    return {"method": cell.method, "budget": cell.budget, "selection_seed": cell.selection_seed,
-            "eval_seeds": list(cell.eval_seeds), "config": dataclasses.asdict(cell.config)}
-
-
-_PROTOCOLS: dict = {}  # per worker process: (protocol config, cache dir, device) -> Protocol
-
-
-def _protocol(run: RunConfig):
-    from bench.protocol import build_protocol
-
-    key = (run.protocol, str(run.cache_dir), run.device)
-    if key not in _PROTOCOLS:
-        _PROTOCOLS[key] = build_protocol(run.protocol, run.cache_dir, run.device, log=print)
-    return _PROTOCOLS[key]
-
-
-def cell_task(spec: dict, run: RunConfig, protocol_id: str, cwd: str, cpus: int) -> CellResult:
-    """A Ray task: compute one cell (no file written) and return it to the driver."""
-    import torch
-
-    from methods import METHODS
-
-    host = socket.gethostname()
-    if not os.path.isdir(cwd):
-        raise RuntimeError(f"the driver's working directory {cwd} does not exist on node {host}; the project, "
-                           f"data root and cache dir must be at the same paths on every node (README: Many machines)")
-    os.chdir(cwd)
-    if not Path(run.cache_dir).is_dir():
-        raise RuntimeError(f"cache dir {run.cache_dir} does not exist on node {host}; it must be a shared path "
-                           f"(README: Many machines)")
-    torch.set_num_threads(cpus)
-    protocol = _protocol(run)
-    if protocol.id != protocol_id:
-        raise RuntimeError(f"protocol id {protocol.id} on node {host} differs from the driver's {protocol_id} "
-                           f"(different data or encoder weights at the same path?)")
-    cell = Cell(spec["method"], spec["budget"], spec["selection_seed"], spec["eval_seeds"],
-                METHODS.get(spec["method"]).Config(**spec["config"]))
-    return compute_cell(cell, protocol, run, log=print)

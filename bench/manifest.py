@@ -1,4 +1,4 @@
-"""What produced a result: git commit and dirty flag, package versions, device, argv."""
+"""What produced a result: git commit and dirty flag, package versions, device, argv, plugins."""
 from __future__ import annotations
 
 import platform
@@ -40,8 +40,11 @@ def _static() -> dict:
 
 
 def manifest(device: str, argv: list[str] | None = None) -> dict:
+    from bench.plugins import loaded
+
     dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = f"{device} ({torch.cuda.get_device_name()})"
     return {**_static(), "device": dev, "torch_threads": torch.get_num_threads(),
-            "argv": list(sys.argv if argv is None else argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "argv": list(sys.argv if argv is None else argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"plugins": loaded()} if loaded() else {})}

@@ -37,7 +37,9 @@ class Registry(Generic[T]):
 
         def add(o: T) -> T:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                first = getattr(self._entries[name].obj, "__module__", None)
+                by = f" (by {first})" if first else ""
+                raise ValueError(f"{self.kind} {name!r} is already registered{by}; choose another name")
             doc = help or (getattr(o, "__doc__", None) or "").strip().splitlines()[0:1]
             text = doc if isinstance(doc, str) else (doc[0] if doc else "")
             self._entries[name] = Entry(name, o, tuple(groups), text)

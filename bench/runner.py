@@ -7,7 +7,7 @@ the grid goes on; an interrupt loses at most the cell in progress.
 
 A cell is computed (``compute_cell``: record + artifact, nothing written) and then stored
 (``store_cell``: the artifact and the cell JSON, atomically) by the driver, whichever executor
-computed it (``bench/executors.py``: ``local``, one after another in this process, or ``ray``). Before
+computed it (``bench/executors.py``, which the runner hands a ``Work``: ``local``, one after another in this process, or ``ray``). Before
 any cell runs, each selected method's optional ``prepare(ctx)`` hook builds its shared intermediates
 (expert buffers, forgetting statistics) once, so cells only read them. ``shard=(i, n)`` runs the
 cells at plan positions k with k % n == i (every shard still records the whole grid for `status`).
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,23 +34,15 @@ import numpy as np
 
 from bench import SCHEMA_VERSION
 from bench.errors import BenchError, NotApplicable
+from bench.executors import ExecutorConfig, Work, make_executor
 from bench.manifest import manifest
+from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_json
 from methods import METHODS, MethodContext
 from methods.base import Artifact, config_key, method_config, prepare
 
 REFERENCES = ("full", "full_tuned")  # reference rows every grid has (methods/full.py)
-
-
-@dataclass
-class ExecutorConfig:
-    """Where cells run: ``local`` (one after another in this process; the default) or ``ray`` (each
-    cell a Ray task; see ``bench/executors.py``)."""
-    kind: str = "local"
-    address: Optional[str] = None  # ray: None = a new local instance (or $RAY_ADDRESS); "auto"; "HOST:PORT"
-    cpus_per_task: int = 1  # ray: CPUs (and torch threads) per cell; one GPU per cell with device cuda
-    max_retries: int = 1  # ray: reruns of a cell whose worker process or node died (not of a cell that raised)
 
 
 @dataclass
@@ -66,6 +60,7 @@ class RunConfig:
     argv: Optional[list[str]] = None
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     shard: Optional[tuple[int, int]] = None  # (i, n): only the cells at plan positions k with k % n == i
+    plugins: tuple[str, ...] = ()  # plugin files (absolute) and modules, loaded again by every worker
 
 
 @dataclass
@@ -125,8 +120,10 @@ class CellResult:
 
 
 def key_of(cell: Cell, protocol_id: str) -> str:
+    """The cell's key; a plugin method's also holds its file's sha256 (an edited plugin redoes its cells)."""
+    plugin = origin("method", cell.method)
     return cell_key(protocol_id, cell.method, config_key(cell.config), cell.budget, cell.selection_seed,
-                    cell.eval_seeds)
+                    cell.eval_seeds, plugin=None if plugin is None else plugin["sha256"] or plugin["module"])
 
 
 def error_message(e: BaseException) -> str:
@@ -138,7 +135,8 @@ def _record(cell: Cell, protocol: Protocol, run: RunConfig) -> dict:
             "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
             "method_group": METHODS.get(cell.method).group, "method_config": dataclasses.asdict(cell.config),
             "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
-            "manifest": manifest(run.device, run.argv)}
+            "manifest": manifest(run.device, run.argv)} | (
+                {"plugin": origin("method", cell.method)} if origin("method", cell.method) else {})
 
 
 def failed_result(cell: Cell, protocol: Protocol, run: RunConfig, error: str, tb: str, seconds: float) -> CellResult:
@@ -244,8 +242,6 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
     """Plan the grid, record it, and run this shard's cells that are not done with the configured
     executor; the driver (this process) stores every result as it arrives. Returns the protocol and
     the records of this shard's cells, in plan order."""
-    from bench.executors import make_executor
-
     check_run(run)  # before any data is touched
     if run.shard is not None:
         shard_cells([], run.shard)  # validates I/N
@@ -279,7 +275,68 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
                 runnable.append(c)
 
         def store(cell: Cell, result: CellResult) -> None:
+            art = result.artifact
+            if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
+                art.indices = np.array(art.indices)
             recs[index[id(cell)]] = store_cell(result, run.out)
 
-        executor.run(runnable, protocol, run, store)
+        executor.run(runnable, grid_work(protocol, run, store, log))
     return protocol, [recs[k] for k in range(len(mine))]
+
+
+def grid_work(protocol: Protocol, run: RunConfig, store: Callable, log: Callable = print) -> Work:
+    """The executor's view of this grid: compute here, or as ``cell_task`` on a worker."""
+    from datasets.features import default_cache_dir
+
+    # Workers resolve nothing on their own: the cache dir is fixed here, absolute.
+    wrun = dataclasses.replace(run, cache_dir=Path(run.cache_dir or default_cache_dir()).absolute())
+    cwd, cpus = os.getcwd(), run.executor.cpus_per_task
+    return Work(compute=lambda c: compute_cell(c, protocol, run, log),
+                task=cell_task, task_args=lambda c: (cell_spec(c), protocol.id, cwd, cpus),
+                lost=lambda c, err, tb, secs: failed_result(c, protocol, run, err, tb, secs),
+                store=store, worker_run=wrun, gpu=run.device.startswith("cuda"))
+
+
+# ------------------------------------------------------------------------------------- worker side
+def cell_spec(cell: Cell) -> dict:
+    """What a worker needs to rebuild a cell: plain values (a method's config class may be made at
+    import time, so it travels as a dict and is rebuilt from the worker's registry)."""
+    return {"method": cell.method, "budget": cell.budget, "selection_seed": cell.selection_seed,
+            "eval_seeds": list(cell.eval_seeds), "config": dataclasses.asdict(cell.config),
+            "plugin": origin("method", cell.method)}
+
+
+_PROTOCOLS: dict = {}  # per worker process: (protocol config, cache dir, device) -> Protocol
+
+
+def _protocol(run: RunConfig):
+    key = (run.protocol, str(run.cache_dir), run.device)
+    if key not in _PROTOCOLS:
+        _PROTOCOLS[key] = build_protocol(run.protocol, run.cache_dir, run.device, log=print)
+    return _PROTOCOLS[key]
+
+
+def cell_task(spec: dict, run: RunConfig, protocol_id: str, cwd: str, cpus: int) -> CellResult:
+    """A Ray task: compute one cell (no file written) and return it to the driver."""
+    import torch
+
+    host = socket.gethostname()
+    if not os.path.isdir(cwd):
+        raise RuntimeError(f"the driver's working directory {cwd} does not exist on node {host}; the project, "
+                           f"data root and cache dir must be at the same paths on every node (README: Many machines)")
+    os.chdir(cwd)
+    if not Path(run.cache_dir).is_dir():
+        raise RuntimeError(f"cache dir {run.cache_dir} does not exist on node {host}; it must be a shared path "
+                           f"(README: Many machines)")
+    torch.set_num_threads(cpus)
+    load_plugins(run.plugins)
+    if (spec.get("plugin") or {}).get("sha256") != ((origin("method", spec["method"]) or {}).get("sha256")):
+        raise RuntimeError(f"plugin of method {spec['method']!r} on node {host} differs from the driver's "
+                           f"(another file at {(spec.get('plugin') or {}).get('file')}?)")
+    protocol = _protocol(run)
+    if protocol.id != protocol_id:
+        raise RuntimeError(f"protocol id {protocol.id} on node {host} differs from the driver's {protocol_id} "
+                           f"(different data or encoder weights at the same path?)")
+    cell = Cell(spec["method"], spec["budget"], spec["selection_seed"], spec["eval_seeds"],
+                METHODS.get(spec["method"]).Config(**spec["config"]))
+    return compute_cell(cell, protocol, run, log=print)

@@ -5,7 +5,7 @@ An entry is ``uint8 [n_images, 3, S, S]``: RGB, resized to S x S with bilinear f
 aspect ratio is not kept, as for the frozen encoders' features), stored as ``.npy`` and written
 atomically, keyed like the feature cache by the dataset identity, the *stored* split (``test``
 mapped to ``val`` shares val's entry), the size and the cache version. Normalisation is the
-tower's, applied at use (``bench.towers.PixelTower``). Memory: a 224 px Flickr8k train split is
+tower's, applied at use (``bench.protocol.towers.PixelTower``). Memory: a 224 px Flickr8k train split is
 0.9 GB (4x less than float32).
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.registry import Registry
-from bench.training import PairSet
+from bench.protocol.training import PairSet
 
 METHODS: Registry = Registry("method")
 BYTES_PER_VALUE = 4  # storage is counted as float32 values at the cut

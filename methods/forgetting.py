@@ -12,7 +12,7 @@ Definition used here.
   learned and the selection degenerates to random among them; ``probe_size=0`` gives that variant.)
 * **Training run**: one student, ``protocol.fresh_student(train_seed)``, trained on the *full* train
   split (every caption) with the protocol's recipe (``epochs`` overrides the recipe's epoch count
-  when > 0), via ``bench.training.train_student`` with ``seed=train_seed``; the global torch RNG (used
+  when > 0), via ``bench.protocol.training.train_student`` with ``seed=train_seed``; the global torch RNG (used
   by dropout in ``mlp`` heads) is also seeded with ``train_seed`` for the run. ``train_seed`` is fixed
   by the config, not by the selection seed, so every budget and selection seed shares one run.
   Under the ``pixels`` cut this is the pixels student (pretrained tower + heads, trained on the
@@ -22,7 +22,7 @@ Definition used here.
 * **Learned**: after each epoch ``e = 1..E`` (not before training), with the student's embeddings
   of the probe pairs, pair ``i`` is *learned* when image ``i`` retrieves caption ``i`` at top-1 among
   the captions of its gallery AND caption ``i`` retrieves image ``i`` at top-1 among its gallery's
-  images. Ties count against the pair (as in ``bench/retrieval.py``): the positive's similarity must
+  images. Ties count against the pair (as in ``bench/protocol/retrieval.py``): the positive's similarity must
   be strictly greater than every other gallery item's.
 * **Forgetting event**: learned at epoch ``e`` and not learned at epoch ``e+1``
   (``count_forgetting_events``).
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.training import embed, train_student
+from bench.protocol.training import embed, train_student
 from datasets.base import identity_hash
 from methods.base import Artifact, MethodContext, register_method
 from methods.coreset_features import CANDIDATE_RULE, check_budget, representative_captions

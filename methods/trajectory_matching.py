@@ -23,13 +23,13 @@ Under ``pixels``, ``tm_lora`` puts the adapters on the pretrained tower (every u
 convolution and linear; depthwise convolutions stay frozen, peft cannot wrap them) and the heads,
 new layers, train fully; the matched vector is adapters + heads.
 
-**Meta-gradient** (``unroll``, ``bench/unroll.py``): ``naive`` keeps the whole unrolled graph
+**Meta-gradient** (``unroll``, ``methods/tm/unroll.py``): ``naive`` keeps the whole unrolled graph
 (memory grows with ``syn_steps``; cheap under heads); ``exact`` recomputes one step at a time
 backwards from stored parameter vectors (memory flat in ``syn_steps``, same gradients up to
 rounding; the pixels cut's default); ``fd`` does the same without double backward, by central finite
-differences of two gradients (radius ``fd_radius``); ``gram`` (``bench/gram_unroll.py``, linear heads
+differences of two gradients (radius ``fd_radius``); ``gram`` (``methods/tm/gram.py``, linear heads
 only) is naive's mathematics computed in the space of the synthetic pairs, ~3x faster at 100 pairs;
-``lora`` (``bench/lora_unroll.py``, LoRA on linear heads: ``tm_lora`` under heads) is naive with the
+``lora`` (``methods/tm/lora.py``, LoRA on linear heads: ``tm_lora`` under heads) is naive with the
 frozen base layer computed once per unroll instead of once per step, 1.8x faster at 100 pairs.
 ``auto`` picks exact under pixels; under heads gram where it is cheaper (linear heads, fewer than
 (image + text input dims) / 2 pairs, i.e. up to 831 with the default encoders), lora for LoRA heads
@@ -85,12 +85,12 @@ from torch.func import functional_call
 
 from bench.errors import BenchError
 from bench.progress import progress
-from bench.student import contrastive_loss
-from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
-from bench.training import PairSet
-from bench.gram_unroll import cheaper as gram_is_cheaper, gram_meta_backward, supports as gram_supports
-from bench.lora_unroll import cheaper as lora_is_cheaper, lora_meta_backward, lora_scaling, supports as lora_supports
-from bench.unroll import MODES, meta_backward
+from bench.protocol.student import contrastive_loss
+from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
+from bench.protocol.training import PairSet
+from methods.tm.gram import cheaper as gram_is_cheaper, gram_meta_backward, supports as gram_supports
+from methods.tm.lora import cheaper as lora_is_cheaper, lora_meta_backward, lora_scaling, supports as lora_supports
+from methods.tm.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
 from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.random_subset import random_pairs
@@ -231,8 +231,8 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
     step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
     synthetic pairs drawn with ``gen``; backpropagate the matching loss to ``target`` into the
-    synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``bench/unroll.py``; gram for
-    linear heads, ``bench/gram_unroll.py``, or lora for LoRA heads, ``bench/lora_unroll.py``: these
+    synthetic set and ``syn_lr`` (``unroll``: naive, exact or fd, see ``methods/tm/unroll.py``; gram for
+    linear heads, ``methods/tm/gram.py``, or lora for LoRA heads, ``methods/tm/lora.py``: these
     recompute the loss from the heads' pre-activations); step
     ``opts``; keep ``syn_lr >= min_lr``. ``autocast``: a dtype to run each step's forward in (under
     ``torch.autocast``), or None for float32 (what the methods use: in bfloat16 the pretrained tower

@@ -37,7 +37,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_protocol(cache):
     from bench.protocol import ProtocolConfig, build_protocol
-    from bench.training import Recipe
+    from bench.protocol.training import Recipe
 
     cfg = ProtocolConfig(limit=(80, 30), recipe=Recipe(epochs=4, batch_size=16))
     return build_protocol(cfg, cache_dir=cache, log=None)

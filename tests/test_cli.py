@@ -55,7 +55,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path, cache):
 def test_full_tuned_row_trains_the_full_data_with_its_own_recipe(tmp_path, cache, tiny_protocol):
     import dataclasses
 
-    from bench.training import train_student
+    from bench.protocol.training import train_student
 
     out = tmp_path / "runs"
     assert run(out, cache, "--methods", "random", "--ipc", "10", "--seeds", "2", "--set", "full_tuned.epochs=2") == 0

@@ -10,8 +10,8 @@ import torch
 
 import methods
 from bench.protocol import CutSplit, Protocol, ProtocolConfig
-from bench.student import StudentConfig
-from bench.training import Recipe, train_student
+from bench.protocol.student import StudentConfig
+from bench.protocol.training import Recipe, train_student
 from datasets.base import CaptionDataset, Split
 from methods import METHODS, Artifact, MethodContext
 from methods import forgetting as fg

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench.protocol import build_protocol
-from bench.training import Recipe
+from bench.protocol.training import Recipe
 from datasets.encoders import get_encoder
 from datasets.features import cache_path, features
 from datasets.registry import load_dataset

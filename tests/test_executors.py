@@ -176,7 +176,7 @@ def test_ray_options_without_ray_executor_and_missing_ray_are_one_line(tmp_path,
 def test_prepare_builds_shared_caches_once_before_cells(tmp_path, cache, tiny_protocol):
     from bench.protocol import build_protocol
     from bench.runner import RunConfig, plan, prepare_methods
-    from bench.trajectories import ExpertBuffer
+    from methods.tm.experts import ExpertBuffer
     from methods import METHODS
 
     fresh = tmp_path / "cache"
@@ -203,7 +203,7 @@ def test_prepare_builds_shared_caches_once_before_cells(tmp_path, cache, tiny_pr
 def test_worker_refuses_caches_it_cannot_see_and_a_different_protocol(tmp_path, cache, tiny_protocol):
     import os
 
-    from bench.executors import cell_spec, cell_task
+    from bench.runner import cell_spec, cell_task
     from bench.runner import RunConfig, plan
 
     run = RunConfig(protocol=tiny_protocol.cfg, methods="random", budgets=(5,), seeds=1, out=tmp_path, cache_dir=cache)

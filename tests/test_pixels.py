@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import kinks
+from bench.protocol import kinks
 from bench.cli import main
-from bench.conv_ops import conv2d as conv_dd
+from bench.protocol.conv_ops import conv2d as conv_dd
 from bench.protocol import ProtocolConfig, build_protocol
-from bench.student import StudentConfig
-from bench.training import Recipe
-from bench.trajectories import ExpertConfig, expert_student, tower_lr_scale, trainable
-from bench.unroll import meta_backward
+from bench.protocol.student import StudentConfig
+from bench.protocol.training import Recipe
+from methods.tm.experts import ExpertConfig, expert_student, tower_lr_scale, trainable
+from methods.tm.unroll import meta_backward
 from methods import METHODS, MethodContext
 from methods.base import method_config
 
@@ -50,7 +50,7 @@ def test_pixels_protocol_holds_images_and_frozen_text(pixels_protocol, cache):
 
 
 def test_tower_matches_the_wheel_network_with_folded_batchnorm():
-    from bench.towers import DepthwiseConv2d, load_tower
+    from bench.protocol.towers import DepthwiseConv2d, load_tower
     from datasets.encoders import effnet_lite_tower, fold_batchnorm
 
     ref = fold_batchnorm(effnet_lite_tower("lite0").eval())
@@ -75,7 +75,7 @@ def test_conv_ops_equals_conv2d_to_second_order(stride, groups):
 
 
 def _tiny_problem():
-    """A small conv net (ReLU from bench.kinks, a depthwise layer from conv_ops, tanh) on flat
+    """A small conv net (ReLU from bench.protocol.kinks, a depthwise layer from conv_ops, tanh) on flat
     parameters, float64."""
     shapes = [(4, 3, 3, 3), (4, 1, 3, 3), (5, 4)]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
@@ -120,7 +120,7 @@ def test_exact_and_fd_unrolls_match_the_naive_full_graph(learn_y):
 
 def test_pixel_tm_iteration_gradients_agree_across_unroll_modes(pixels_protocol):
     from methods.trajectory_matching import tm_iteration
-    from bench.trajectories import flatten
+    from methods.tm.experts import flatten
 
     p = pixels_protocol
     model = expert_student(p, ExpertConfig(), seed=0)
@@ -140,12 +140,12 @@ def test_pixel_tm_iteration_gradients_agree_across_unroll_modes(pixels_protocol)
     for k in range(3):
         a, b, c = (grads[m][k].flatten() for m in ("naive", "exact", "fd"))
         assert (b - a).norm() <= 1e-4 * a.norm()
-        # fd differences through ReLU6 only converge with the kink pattern replayed (bench/kinks.py)
+        # fd differences through ReLU6 only converge with the kink pattern replayed (bench/protocol/kinks.py)
         assert float((c * a).sum() / (c.norm() * a.norm())) > 0.999
 
 
 def _meta_grads(p, dtype, img, unroll, steps, lr0, lr_scale):
-    from bench.trajectories import flatten
+    from methods.tm.experts import flatten
     from methods.trajectory_matching import tm_iteration
 
     model = expert_student(p, ExpertConfig(), seed=0)
@@ -199,7 +199,7 @@ def test_lora_on_the_tower_every_adapter_gets_a_gradient(pixels_protocol):
             if "lora_B" in n:
                 t.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
     img, txt = model(p.train.image[:8], p.train.text[:8])
-    from bench.student import contrastive_loss
+    from bench.protocol.student import contrastive_loss
     contrastive_loss(img, txt, 0.07).backward()
     dead = [n for n, t in model.named_parameters() if t.requires_grad and (t.grad is None or not t.grad.abs().sum() > 0)]
     assert not dead
@@ -212,7 +212,7 @@ def _cells(out):
 
 
 def test_pixel_experts_store_deltas_that_resolve_the_tower_movement():
-    from bench.trajectories import Trajectory, pack
+    from methods.tm.experts import Trajectory, pack
 
     # a tower-like vector: weights ~0.1-1, moving by ~1e-4 per epoch (below float16's resolution there)
     g = torch.Generator().manual_seed(0)
@@ -231,7 +231,7 @@ def test_pixel_experts_store_deltas_that_resolve_the_tower_movement():
 
 
 def test_pixel_expert_buffer_rebuilds_float32_epochs(pixels_protocol, cache):
-    from bench.trajectories import ExpertBuffer, ExpertConfig as EC
+    from methods.tm.experts import ExpertBuffer, ExpertConfig as EC
 
     buf = ExpertBuffer(pixels_protocol, EC(n_experts=1, epochs=1), cache).build(log=lambda m: None)
     traj = buf.load()[0]
@@ -303,7 +303,7 @@ def test_bad_pixel_settings_are_one_line_errors(tmp_path, capsys, argv, message)
 
 
 def test_profile_script_runs_at_tiny_size():
-    from bench.profile_unroll import conv_table, unroll_one
+    from methods.tm.profile import conv_table, unroll_one
 
     rows = conv_table(torch.device("cpu"), n=2, channels=4, size=4, repeats=1)
     assert [r["layer"].split(" (")[0] for r in rows][:2] == ["depthwise 3x3"] * 2 and all(r["fwd_ms"] > 0 for r in rows)
@@ -315,7 +315,7 @@ def test_profile_flop_count_is_the_hand_count_for_grouped_convolutions():
     """2 FLOPs per multiply-add: a depthwise 3x3 layer (batch 2, 144 channels, 16x16, 'same') has
     2*144*16*16*9 multiply-adds forward, and its backward costs that again per gradient asked for
     (PyTorch's own formula counts the grouped backward 144x too high); a linear layer 2*n*in*out."""
-    from bench.profile_unroll import _FlopCount
+    from methods.tm.profile import _FlopCount
 
     macs = 2 * 144 * 16 * 16 * 9
     x = torch.randn(2, 144, 16, 16, requires_grad=True)

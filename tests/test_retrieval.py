@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.retrieval import retrieval_metrics, retrieval_metrics_reference
+from bench.protocol.retrieval import retrieval_metrics, retrieval_metrics_reference
 
 BOTH = [retrieval_metrics, retrieval_metrics_reference]
 

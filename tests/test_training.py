@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.training import PairSet, Recipe, train_student
+from bench.protocol.training import PairSet, Recipe, train_student
 
 
 @pytest.mark.parametrize("n, batching, sizes", [

@@ -10,8 +10,8 @@ import torch
 from bench.cli import main
 from bench.errors import BenchError
 from bench.protocol import CutSplit
-from bench.training import PairSet
-from bench.trajectories import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
+from bench.protocol.training import PairSet
+from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
 from methods import METHODS, MethodContext
 from methods.base import method_config
 from methods.trajectory_matching import CHECK_SEED, holdout_images, matching_loss
@@ -263,9 +263,9 @@ def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, le
     lr grad)]`` for naive then fast, and the batches."""
     import torch.nn.functional as F
     from torch.func import functional_call
-    from bench.student import contrastive_loss
-    from bench.trajectories import unflatten
-    from bench.unroll import meta_backward
+    from bench.protocol.student import contrastive_loss
+    from methods.tm.experts import unflatten
+    from methods.tm.unroll import meta_backward
 
     spec = [(name, p.shape) for name, p in trainable(model)]
     img0, txt0 = torch.randn(n, 9, generator=g, dtype=torch.double), torch.randn(n, 7, generator=g, dtype=torch.double)
@@ -295,8 +295,8 @@ def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     """The Gram-space unroll of linear heads is the naive unrolled graph's mathematics: the same
     outer loss and gradients (float64), with full batches, minibatches that leave rows out, and one
     side fixed."""
-    from bench.gram_unroll import gram_meta_backward
-    from bench.student import StudentConfig, build_student
+    from methods.tm.gram import gram_meta_backward
+    from bench.protocol.student import StudentConfig, build_student
 
     student = build_student(StudentConfig(embed_dim=6), 9, 7, seed=0).double()
     spec = [(name, p.shape) for name, p in trainable(student)]
@@ -347,9 +347,9 @@ def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     """The LoRA-heads unroll (base layer computed once per unroll) is the naive unrolled graph of the
     peft-wrapped student: the same outer loss and gradients (float64), adapters started away from
     peft's B = 0, with minibatches and with the text side fixed."""
-    from bench.lora_unroll import lora_meta_backward, lora_scaling, supports
-    from bench.student import StudentConfig, build_student
-    from bench.trajectories import make_lora_student
+    from methods.tm.lora import lora_meta_backward, lora_scaling, supports
+    from bench.protocol.student import StudentConfig, build_student
+    from methods.tm.experts import make_lora_student
 
     model = make_lora_student(build_student(StudentConfig(embed_dim=6), 9, 7, seed=0), ExpertConfig(lora_rank=2, lora_alpha=3)).double()
     spec = [(name, p.shape) for name, p in trainable(model)]

@@ -1,4 +1,4 @@
-"""Set-up shared by the speed suite (``benchmarks/``, selected by ``-m benchmark`` only).
+"""Set-up shared by the speed suite (``tests/benchmarks/``, selected by ``-m benchmark`` only).
 
 Every benchmark runs on **one thread** (torch, FAISS and the BLAS behind numpy): the figures then
 do not depend on the machine's core count or on how busy its other cores are, and the suite keeps
@@ -14,7 +14,7 @@ THREADS = 1
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)  # before numpy / torch / faiss create their thread pools
 os.environ.setdefault("VLBENCH_PROGRESS", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402

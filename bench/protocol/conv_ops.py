@@ -6,7 +6,7 @@ grouped convolution loops over the groups and issues one small convolution per g
 depthwise convolution with C channels that is about C separate convolutions per layer and step (C
 up to 1152 in EfficientNet-Lite0). The CPU profiler shows it directly (a 144-channel depthwise 3x3
 layer: 147 ``mkldnn_convolution`` calls per double backward); on a GPU each is a kernel launch.
-``python -m bench.profile_unroll`` measures it.
+``python -m methods.tm.profile`` measures it.
 
 ``conv2d(x, w, b, stride, padding, groups)`` gives the same values as ``F.conv2d``; its backward is
 expressed with three bilinear primitives, each a custom autograd function whose own backward uses

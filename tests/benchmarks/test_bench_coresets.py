@@ -1,7 +1,7 @@
 """Speed of the feature-based coresets at scale: 30,000 random pairs (image 1280 + text 384 dims,
 i.e. 30,000 x 1664 candidate features), budget 1000. Selected by ``-m benchmark`` only:
 
-    .venv/bin/python -m pytest benchmarks/test_bench_coresets.py -m benchmark --benchmark-only -q
+    .venv/bin/python -m pytest tests/benchmarks/test_bench_coresets.py -m benchmark --benchmark-only -q
 """
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.protocol import CutSplit  # noqa: E402
 from methods import METHODS, MethodContext  # noqa: E402

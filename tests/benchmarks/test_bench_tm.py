@@ -2,9 +2,9 @@
 ``tm`` defaults: an unroll of ``syn_steps`` = 20 differentiable SGD steps of the linear heads
 student, 1280->512 and 384->512, on minibatches of ``batch_syn`` synthetic pairs, then the
 meta-backward and the optimiser steps) at 100 and 1000 synthetic pairs, through the full unrolled
-graph (``naive``) and in the synthetic samples' space (``gram``, ``bench/gram_unroll.py``: what ``auto``
+graph (``naive``) and in the synthetic samples' space (``gram``, ``methods/tm/gram.py``: what ``auto``
 picks below 832 pairs); and the same for ``tm_lora``'s student (rank-16 LoRA adapters on fixed
-linear heads), naive against ``lora`` (``bench/lora_unroll.py``, the base layer computed once per
+linear heads), naive against ``lora`` (``methods/tm/lora.py``, the base layer computed once per
 unroll). The expert trajectory is a fake one of the real shape ([expert epochs + 1, trainable
 parameters] float16, a seeded random walk from the student's initialisation): timing does not depend
 on its values.
@@ -12,8 +12,8 @@ on its values.
 import pytest
 import torch
 
-from bench.student import StudentConfig, build_student
-from bench.trajectories import ExpertConfig, flatten, make_lora_student, trainable
+from bench.protocol.student import StudentConfig, build_student
+from methods.tm.experts import ExpertConfig, flatten, make_lora_student, trainable
 from methods.trajectory_matching import TMConfig, tm_iteration
 
 D_IMG, D_TXT = 1280, 384

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from bench.progress import progress
-from bench.student import Student, contrastive_loss
+from bench.protocol.student import Student, contrastive_loss
 from datasets.base import identity_hash
 
 EXPERT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Speed of one evaluation training (``bench.training.train_student``, the default ``Recipe``: SGD
+"""Speed of one evaluation training (``bench.protocol.training.train_student``, the default ``Recipe``: SGD
 momentum 0.9, batch 64, heads cut, linear student 1280->512 / 384->512): a 1000-pair set for the
 recipe's 20 epochs, and one epoch over full-data size (6,000 images x 5 captions = 30,000 pairs).
 Texts are a fixed random projection of their image plus noise, so the loss has something to learn.
@@ -6,8 +6,8 @@ Texts are a fixed random projection of their image plus noise, so the loss has s
 import pytest
 import torch
 
-from bench.student import StudentConfig, build_student, contrastive_loss
-from bench.training import PairSet, Recipe, train_student
+from bench.protocol.student import StudentConfig, build_student, contrastive_loss
+from bench.protocol.training import PairSet, Recipe, train_student
 
 D_IMG, D_TXT = 1280, 384
 

@@ -1,4 +1,4 @@
-"""Speed of the protocol's retrieval scoring (``bench.retrieval.retrieval_metrics``: exact FAISS
+"""Speed of the protocol's retrieval scoring (``bench.protocol.retrieval.retrieval_metrics``: exact FAISS
 inner-product search in both directions plus the tie-safe ranks) at Flickr30k/COCO test scale:
 5,000 images x 25,000 captions (5 per image, shuffled), 512-d embeddings (the student's space).
 Captions are noisy copies of their image's embedding, so recalls are neither 0 nor 100.
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.retrieval import METRICS, retrieval_metrics
+from bench.protocol.retrieval import METRICS, retrieval_metrics
 
 N_IMAGES, CAPTIONS_PER_IMAGE, DIM, NOISE = 5_000, 5, 512, 6.0
 

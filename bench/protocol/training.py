@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from bench.errors import BenchError
-from bench.student import Student, contrastive_loss
+from bench.protocol.student import Student, contrastive_loss
 
 BATCHING = ("even", "ragged")
 

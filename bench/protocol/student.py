@@ -5,7 +5,7 @@ features; the student is one trainable projection head per tower into a shared s
 a symmetric InfoNCE loss at a fixed temperature (0.07, as in the paper).
 
 Under the ``pixels`` cut the image side starts at pixels: the student holds a copy of the pretrained
-image tower (``bench.towers.PixelTower``, trainable, the same pretrained weights for every fresh
+image tower (``bench.protocol.towers.PixelTower``, trainable, the same pretrained weights for every fresh
 student; only the heads are drawn from the seed) in front of its image head. The text encoder stays
 frozen (inputs: its features, as under ``heads``). Pixel-only settings: ``image_size`` (input
 resolution) and ``tower_lr_scale`` (the tower's step size relative to the heads' in training).

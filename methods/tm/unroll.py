@@ -31,7 +31,7 @@ pretrained tower, for instance; ``D = 1`` when absent). The outer loss is ``L(θ
   and ``g_i ≈`` the mean of the two gradients (second-order accurate). Two forward+backward
   passes per step; accuracy is O(r²) (r = ``fd_radius``) plus float rounding, and exact for a
   quadratic loss. Through ReLU-type activations the two gradients are taken with the activation
-  pattern recorded at ``θ_i`` (one extra forward, ``bench/kinks.py``): otherwise units crossing a
+  pattern recorded at ``θ_i`` (one extra forward, ``bench/protocol/kinks.py``): otherwise units crossing a
   kink between ``θ_i ± εμ`` dominate the difference and the estimate does not converge to the
   Hessian-vector product at all (cosine about 0 with the exact image gradient on the pixels cut's
   ReLU6 tower). Models without such activations skip the extra forward after the first step.
@@ -50,7 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from bench import kinks
+from bench.protocol import kinks
 
 MODES = ("naive", "exact", "fd")
 

@@ -1,6 +1,6 @@
 """Piecewise-linear activations whose kink pattern can be recorded at one point and replayed.
 
-Why: the finite-difference meta-gradient (``bench/unroll.py``, mode ``fd``) differences two
+Why: the finite-difference meta-gradient (``methods/tm/unroll.py``, mode ``fd``) differences two
 gradients taken at ``θ ± εμ``. Through ReLU-type activations that difference is dominated by units
 whose pre-activation crosses a kink between the two points: each jumps by a full gradient entry,
 divided by 2ε, and their number shrinks only like ε, so the estimate does not converge to the

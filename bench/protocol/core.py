@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.retrieval import retrieval_metrics
-from bench.student import StudentConfig, build_student
-from bench.training import PairSet, Recipe, embed, train_student
+from bench.protocol.retrieval import retrieval_metrics
+from bench.protocol.student import StudentConfig, build_student
+from bench.protocol.training import PairSet, Recipe, embed, train_student
 from datasets.base import CaptionDataset, identity_hash
 
-METRIC_VERSION = "recall-v1-ties-against"  # see bench/retrieval.py
+METRIC_VERSION = "recall-v1-ties-against"  # see bench/protocol/retrieval.py
 INPUT_VERSION = "standardise-train-v1"
 PIXEL_INPUT_VERSION = "pixels-v1"  # pixels cut: images from datasets/pixels.py, normalised by the tower
 
@@ -175,7 +175,7 @@ def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log
     ds.split("train"), ds.split("test")
     tower = None
     if cfg.student.cut == "pixels":  # fail early (no weights, unknown name) before any feature is computed
-        from bench.towers import load_tower
+        from bench.protocol.towers import load_tower
         tower = load_tower(cfg.image_encoder, cfg.student.image_size)
     encs = {"image": get_encoder(cfg.image_encoder, "image"), "text": get_encoder(cfg.text_encoder, "text")}
     feats = {}

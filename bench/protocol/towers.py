@@ -19,8 +19,8 @@ Backbones (``--image-encoder``, the same name as the frozen encoder the coresets
 * ``effnet_lite0`` (offline default): EfficientNet-Lite0 from its PyPI wheel, rebuilt from
   ``nn.Conv2d`` modules: BN folded; TensorFlow "same" padding as symmetric convolution padding where
   that is equivalent (stride 1) and an explicit ``SamePad2d`` in front otherwise (stride 2), so peft
-  can wrap every convolution; depthwise convolutions use ``bench.conv_ops.conv2d`` (cheap double
-  backward); ReLU6 from ``bench.kinks`` (replayable pattern for the finite-difference unroll). Any
+  can wrap every convolution; depthwise convolutions use ``bench.protocol.conv_ops.conv2d`` (cheap double
+  backward); ReLU6 from ``bench.protocol.kinks`` (replayable pattern for the finite-difference unroll). Any
   input size works (multiples of 32 keep every stage even).
 * ``timm:<model>`` (pretrained weights from the local timm / Hugging Face cache) or
   ``timm:<model>@<checkpoint>``; ``open_clip:<arch>[:<pretrained tag or checkpoint>]`` (its visual
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import kinks
-from bench.conv_ops import conv2d as conv2d_dd
+from bench.protocol import kinks
+from bench.protocol.conv_ops import conv2d as conv2d_dd
 from bench.errors import BenchError
 
 TOWER_VERSION = "tower-v1"  # with output standardisation (PixelTower)
@@ -60,7 +60,7 @@ class SamePad2d(nn.Module):
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (groups = channels) computed with ``bench.conv_ops.conv2d``: same values, double
+    """``nn.Conv2d`` (groups = channels) computed with ``bench.protocol.conv_ops.conv2d``: same values, double
     backward without a per-channel loop."""
 
     def forward(self, x):

@@ -1,9 +1,9 @@
-"""Profile the pixel-space unroll and the convolutions in it: ``python -m bench.profile_unroll``.
+"""Profile the pixel-space unroll and the convolutions in it: ``python -m methods.tm.profile``.
 
 Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
 
 * ``convs``: forward, forward+backward, and forward+backward(with graph)+double backward of one
-  layer: a depthwise 3x3 convolution (PyTorch's own, and ``bench.conv_ops``'s), a dense 3x3
+  layer: a depthwise 3x3 convolution (PyTorch's own, and ``bench.protocol.conv_ops``'s), a dense 3x3
   convolution of about the same FLOPs, and a 1x1 convolution. Shows where the meta-backward's cost
   comes from (PyTorch's double backward of a grouped convolution runs one convolution per group).
 * ``unroll``: one trajectory-matching iteration of the pixels cut's student (EfficientNet-Lite0
@@ -15,7 +15,7 @@ Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
   back to PyTorch's for comparison. Also the inner steps alone (forward + backward, no graph).
 
 Prints a table and, with ``--out FILE``, writes the numbers as JSON. A GPU session runs
-``python -m bench.profile_unroll --device cuda --image-size 224 --images 100 --steps 10,20,40``
+``python -m methods.tm.profile --device cuda --image-size 224 --images 100 --steps 10,20,40``
 (the H200 figures of REFERENCE.md were measured at that size).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _time(fn, device, repeats: int) -> float:
 
 
 def conv_table(device: torch.device, n: int, channels: int, size: int, repeats: int) -> list[dict]:
-    from bench.conv_ops import conv2d as conv_dd
+    from bench.protocol.conv_ops import conv2d as conv_dd
 
     dense_c = max(1, round(channels ** 0.5))  # dense 3x3 with c'^2 = c: the depthwise layer's FLOPs
     def torch_conv(x, w, pad, groups):
@@ -135,10 +135,10 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     products and convolutions, forward and every backward) and the rate they ran at."""
     from torch.func import functional_call
 
-    from bench.student import StudentConfig, build_student, contrastive_loss
-    from bench.towers import DepthwiseConv2d, load_tower
-    from bench.trajectories import flatten, trainable, unflatten
-    from bench.unroll import meta_backward
+    from bench.protocol.student import StudentConfig, build_student, contrastive_loss
+    from bench.protocol.towers import DepthwiseConv2d, load_tower
+    from methods.tm.experts import flatten, trainable, unflatten
+    from methods.tm.unroll import meta_backward
 
     if depthwise == "native":
         DepthwiseConv2d.forward = torch.nn.Conv2d.forward
@@ -206,7 +206,7 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.profile_unroll", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m methods.tm.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--part", choices=("convs", "unroll", "all"), default="all")
     ap.add_argument("--image-size", type=int, default=64)
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         for dw in a.depthwise.split(","):
             for mode in a.modes.split(","):
                 for steps in a.steps.split(","):
-                    cmd = [sys.executable, "-m", "bench.profile_unroll", "--device", a.device, "--one", f"{mode},{steps},{dw}",
+                    cmd = [sys.executable, "-m", "methods.tm.profile", "--device", a.device, "--one", f"{mode},{steps},{dw}",
                            "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats),
                            "--autocast", a.autocast] + (["--flops"] if a.flops else [])
                     try:

@@ -14,11 +14,11 @@ and twice more in the meta-backward): at 100 synthetic pairs, 1280-d image and 3
 and a 512-d embedding, a 20-step unroll with its meta-gradient took 0.10 s instead of 0.30 s on 2
 CPU cores (0.14 vs 0.36 s at 200 pairs; equal at 1000, where ``cheaper`` says no; benchmark:
 ``benchmarks/test_bench_tm.py``). The mathematics is that of ``naive`` mode
-(``bench/unroll.py``), so the gradients agree with it up to float rounding (tested in float64);
+(``methods/tm/unroll.py``), so the gradients agree with it up to float rounding (tested in float64);
 the final ``θ_N`` is assembled explicitly and given to the same outer loss.
 
 Only for plain linear heads without a tower, LoRA or dropout (the caller checks, see
-``supports``); everything else uses ``bench/unroll.py``.
+``supports``); everything else uses ``methods/tm/unroll.py``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.trajectories import unflatten
+from methods.tm.experts import unflatten
 
 HEADS = ("image_head", "text_head")  # the data tensors, in order, feed these heads
 

@@ -10,11 +10,11 @@ multiply-adds on the adapter path instead of ``|B|·d_in·d_out`` more for the b
 synthetic pairs, rank 16 and 1280 + 384 input dims, one iteration (20-step unroll, meta-gradient,
 optimiser steps) took 0.224 s in ``naive`` mode and 0.126 s here on one CPU thread (0.296 and 0.224 s
 at 1000 pairs; benchmark ``benchmarks/test_bench_tm.py``). What is left is mostly the contrastive
-loss's double backward, as in ``bench/gram_unroll.py``. The adapters themselves are unrolled as in ``naive`` mode
-(``bench/unroll.py``), so the gradients agree with it up to float rounding (tested in float64).
+loss's double backward, as in ``methods/tm/gram.py``. The adapters themselves are unrolled as in ``naive`` mode
+(``methods/tm/unroll.py``), so the gradients agree with it up to float rounding (tested in float64).
 
 Only for LoRA on plain linear heads (the layout ``make_lora_student`` builds under the heads cut,
-see ``supports``); everything else uses ``bench/unroll.py`` or ``bench/gram_unroll.py``.
+see ``supports``); everything else uses ``methods/tm/unroll.py`` or ``methods/tm/gram.py``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.gram_unroll import HEADS  # the data tensors, in order, feed these heads
-from bench.trajectories import unflatten
+from methods.tm.gram import HEADS  # the data tensors, in order, feed these heads
+from methods.tm.experts import unflatten
 
 PREFIX = "base_model.model."  # where peft puts the wrapped student
 
