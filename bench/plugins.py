@@ -127,6 +127,18 @@ def origin(kind: str, name: str) -> Optional[dict]:
     return _ORIGIN.get((kind, name))
 
 
+def reset() -> None:
+    """Forget every plugin: unregister what they registered and drop their modules, so that a later
+    ``load_plugins`` in the same process imports the files again (``main(argv)`` called twice)."""
+    regs = _registries()
+    for (kind, name), rec in list(_ORIGIN.items()):
+        regs[kind].unregister(name)
+        if rec["module"].startswith("vlbench_plugin_"):  # a file's module; an installed module stays
+            sys.modules.pop(rec["module"], None)
+    _ORIGIN.clear()
+    _LOADED.clear()
+
+
 def loaded() -> list[dict]:
     """Every plugin loaded in this process (recorded in each cell's manifest)."""
     return list(_LOADED.values())

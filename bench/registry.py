@@ -47,6 +47,10 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (plugins unloading in a long-lived process, e.g. tests calling ``main``)."""
+        self._entries.pop(name, None)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

@@ -3,10 +3,9 @@
 * ``full``: the full train split under the protocol's recipe, the one every set is trained with.
 * ``full_tuned``: the full train split under a recipe of its own, tuned for the full data on Flickr8k
   **val**. The protocol's recipe (momentum 0.9, lr 0.1, 20 epochs) is the best single recipe for
-  small sets, but it over-trains 30,000 pairs: on Flickr8k val the full data scores 41.4 with it and
-  47.0 with lr 0.01 for 2-4 epochs (the expert trajectories, plain SGD at 0.1, peak at 47.6 after 3-4
-  epochs). "x% of full data" against ``full`` flatters every method; ``full_tuned`` is the upper bound
-  the student can reach with all the data, reported beside it.
+  small sets, and it over-trains 30,000 pairs (``docs/findings.md``, "full_tuned"). "x% of full data"
+  against ``full`` flatters every method; ``full_tuned`` is the upper bound the student can reach
+  with all the data, reported beside it.
 """
 from __future__ import annotations
 

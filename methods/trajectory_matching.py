@@ -24,51 +24,36 @@ convolution and linear; depthwise convolutions stay frozen, peft cannot wrap the
 new layers, train fully; the matched vector is adapters + heads.
 
 **Meta-gradient** (``unroll``, ``methods/tm/unroll.py``): ``naive`` keeps the whole unrolled graph
-(memory grows with ``syn_steps``; cheap under heads); ``exact`` recomputes one step at a time
-backwards from stored parameter vectors (memory flat in ``syn_steps``, same gradients up to
-rounding; the pixels cut's default); ``fd`` does the same without double backward, by central finite
-differences of two gradients (radius ``fd_radius``); ``gram`` (``methods/tm/gram.py``, linear heads
-only) is naive's mathematics computed in the space of the synthetic pairs, ~3x faster at 100 pairs;
-``lora`` (``methods/tm/lora.py``, LoRA on linear heads: ``tm_lora`` under heads) is naive with the
-frozen base layer computed once per unroll instead of once per step, 1.8x faster at 100 pairs.
-``auto`` picks exact under pixels; under heads gram where it is cheaper (linear heads, fewer than
-(image + text input dims) / 2 pairs, i.e. up to 831 with the default encoders), lora for LoRA heads
-(fewer pairs than the unroll's syn_steps x batch rows), naive otherwise.
+(memory grows with ``syn_steps``); ``exact`` recomputes one step at a time backwards from stored
+parameter vectors (memory flat in ``syn_steps``; the pixels cut's default); ``fd`` does the same
+without double backward, by central finite differences (radius ``fd_radius``); ``gram``
+(``methods/tm/gram.py``, linear heads) is naive's mathematics in the space of the synthetic pairs;
+``lora`` (``methods/tm/lora.py``, LoRA on linear heads) computes the frozen base layer once per
+unroll. ``auto`` picks exact under pixels; under heads gram where it is cheaper (up to (image + text
+input dims) / 2 pairs, 831 with the default encoders), lora for LoRA heads below syn_steps x batch
+rows, naive otherwise.
 
-**Data update.** The synthetic data moves by SGD (the paper's: lr 1000, momentum 0.5; ``data_optimizer``,
-``lr_image``, ``lr_text``); ``data_optimizer="adam"`` (per-coordinate steps of about the lr, betas
-(``momentum``, 0.999); lr 0.03 is the tuned value) is the alternative. README "Methods" has the tuning.
+**Data update.** SGD on the synthetic data (the paper's: lr 1000, momentum 0.5; ``data_optimizer``,
+``lr_image``, ``lr_text``), or ``data_optimizer="adam"`` (betas (``momentum``, 0.999)).
 
-**Which set is returned** (``keep``). The sets along the run differ a lot: on the synthetic dataset the
-unroll can destabilise late (a set that trained a good student collapses), and the matching loss is a
-poor guide to which set trains the best student (the image-only variant fell below random with it).
-With ``keep="holdout"`` (default) a fixed part of the train split (``holdout_images``, at most a fifth
-of its images, drawn from a fixed seed, the same for every budget and seed) is held out: the set is
-initialised from the other images, and every ``check_every`` iterations (and at iteration 0 and at the
-end) a fresh student (seed 1000 + the selection seed, ``CHECK_SEED``) is trained on the current set
-with the protocol's recipe and scored on the held-out images (mean of the six recalls); the
-best-scoring set is returned (``info.holdout_curve`` records every check, ``info.kept_iteration`` the
-choice). This is early stopping on train data: val and test are never looked at. The held-out images
-were seen by the experts, so their scores run higher than val's; on val the peaks mostly coincide
-(README). ``keep="best"`` returns the set at the lowest 25-iteration mean matching loss (the method's
-own objective), ``keep="last"`` the final set; both initialise from any train image.
+**Which set is returned** (``keep``). ``holdout`` (default): a fixed part of the train split
+(``holdout_images``, at most a fifth of its images, from a fixed seed) is held out and never used to
+initialise; every ``check_every`` iterations (and at 0 and at the end) a fresh student (seed 1000 +
+the selection seed, ``CHECK_SEED``) is trained on the current set with the protocol's recipe and
+scored on the held-out images; the best-scoring set is returned (``info.holdout_curve``,
+``info.kept_iteration``). Early stopping on train data: val and test are never looked at. ``best``
+returns the set at the lowest 25-iteration mean matching loss, ``last`` the final set.
 
-**Back-off on a collapse** (``keep="holdout"`` only). With the paper's lr 1000 a run can throw a good set
-away: the held-out score falls to a fraction of its best (on the synthetic set to 0.4-0.5 mean recall,
-chance level, from 65-67) and often never comes back. When a check scores below ``backoff_below`` (0.5)
+**Back-off on a collapse** (``keep="holdout"`` only). When a check scores below ``backoff_below``
 times the best check, the best set and its step size are restored, the optimisers' momentum is
-dropped, and the data lr is multiplied by ``backoff`` (0.25; restoring at lr 1000 collapses again, 0.5
-scored 0.3-1.1 points below 0.25 on synthetic val, within noise); ``info.backoffs`` lists the iterations.
-Dips that are not collapses (Flickr8k's runs dip by up to a third) leave the run alone, so a run without a
-collapse is exactly the run without the rule.
+dropped and the data lr is multiplied by ``backoff`` (``info.backoffs``). A run without a collapse is
+exactly the run without the rule.
 
-**Clipping** (``grad_clip``, default 3). What the collapses were: the synthetic features' norms and the
-learned step size grow slowly until one unroll's meta-gradient is ~10x its usual norm, and at lr 1000
-that one step throws the set away. Each data tensor's gradient norm is capped at ``grad_clip`` times
-the median of its last ``CLIP_HISTORY`` norms (once ``CLIP_WARMUP`` are known; raw norms are
-remembered, so the cap follows the run's own scale); ``info.clipped`` lists the clipped steps. With it
-no collapse was left in the val tuning runs and one (recovered by the back-off) in six final runs
-(README).
+**Clipping** (``grad_clip``). Each data tensor's gradient norm is capped at ``grad_clip`` times the
+median of its last ``CLIP_HISTORY`` raw norms (once ``CLIP_WARMUP`` are known), so one outsized
+meta-gradient cannot throw the set away at lr 1000 (``info.clipped``).
+
+Why each default is what it is, with the measurements: ``docs/findings.md``.
 """
 from __future__ import annotations
 
@@ -122,10 +107,10 @@ class TMConfig:
     max_start_epoch: int = 4
     batch_syn: int = 128  # synthetic pairs per unrolled step, for budgets of at least ``whole_below``
     # budgets below this unroll the whole set at every step (MTT's and the paper's code's default at every
-    # budget; from 256 on minibatches bound the cost): at 200 pairs a whole-set unroll scored higher
+    # budget); from it on, minibatches of batch_syn bound the cost (docs/findings.md)
     whole_below: int = 256
     # how the synthetic data is updated: "sgd" (the paper's: lr 1000, momentum 0.5; default) or "adam"
-    # (per-coordinate steps of about lr_image/lr_text, betas (momentum, 0.999); try lr 0.03)
+    # (per-coordinate steps of about lr_image/lr_text, betas (momentum, 0.999))
     data_optimizer: str = "sgd"
     lr_image: float = 1000.0
     lr_text: float = 1000.0
@@ -146,7 +131,7 @@ class TMConfig:
     # clip each learnable data tensor's meta-gradient norm to this multiple of the median of its last
     # CLIP_HISTORY norms (0 = off): one exploding unroll cannot throw the set away
     grad_clip: float = 3.0
-    lr_init: float = 0.1  # the paper's; 0.5 was faster on Flickr8k val but unstable on the synthetic set
+    lr_init: float = 0.1  # the paper's
     lr_lr: float = 0.01
     min_lr: float = 1e-4
     n_experts: int = 5
@@ -236,7 +221,7 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     recompute the loss from the heads' pre-activations); step
     ``opts``; keep ``syn_lr >= min_lr``. ``autocast``: a dtype to run each step's forward in (under
     ``torch.autocast``), or None for float32 (what the methods use: in bfloat16 the pretrained tower
-    cannot see its own inner steps, see README "The pixels cut"). ``before_step()`` runs between the
+    cannot see its own inner steps, see docs/pixels.md). ``before_step()`` runs between the
     meta-backward and the optimiser steps (gradient clipping). Returns the (detached) matching loss."""
     batches = [torch.randperm(len(syn_txt), generator=gen)[:batch].to(start.device) for _ in range(syn_steps)]
 

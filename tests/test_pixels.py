@@ -29,9 +29,9 @@ def pixels_protocol(cache):
     return build_protocol(cfg, cache_dir=cache, log=None)
 
 
-def test_heads_ids_are_the_ones_recorded_before_the_pixels_cut(tiny_protocol):
-    # recorded with the code before the pixels cut existed (tests/conftest.py's tiny protocol); re-recorded
-    # when recipe.batching joined the recipe (session 8: a deliberate protocol change, b90fb2526e81 before)
+def test_the_tiny_heads_protocol_id_is_pinned(tiny_protocol):
+    # tests/conftest.py's tiny heads protocol: its id moves only with a deliberate protocol change (the
+    # pixels cut and every later field left it alone); re-pin it then, and say so in the commit
     assert tiny_protocol.id == "f94838077306"
     assert set(tiny_protocol.describe()["student"]) == {"cut", "head", "embed_dim", "dropout", "temperature"}
     assert tiny_protocol.features_train is tiny_protocol.train
@@ -180,7 +180,7 @@ def test_bf16_autocast_unroll(cut, tiny_protocol, pixels_protocol):
         assert l16 == pytest.approx(l32, rel=1e-3)
         assert _cos(gi32, gi16) > 0.999 and _cos(gt32, gt16) > 0.999
     else:
-        # the finding the README reports: the tower's inner steps (tower_lr_scale 0.01 times the step
+        # the finding docs/pixels.md reports: the tower's inner steps (tower_lr_scale 0.01 times the step
         # size) are far below bf16's resolution of its weights, so a bf16 unroll does not see them and
         # the meta-gradient is unrelated to the float32 one (cosine about 0; measured -0.09 and -0.08)
         assert abs(_cos(gi32, gi16)) < 0.5 and abs(_cos(gt32, gt16)) < 0.5

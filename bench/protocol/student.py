@@ -39,9 +39,8 @@ class StudentConfig:
     dropout: float = 0.1  # mlp head only
     temperature: float = 0.07
     image_size: int = 224  # pixels cut: input resolution of the image tower
-    # pixels cut: tower step size = recipe step size x this. On Flickr8k val (500 train images, 64 px,
-    # 100 random pairs) 1.0 and 0.1 wrecked the pretrained tower (mean recall 0.5 / 2.1, chance ~1),
-    # 0.01 kept it (5.5; frozen: 5.2); at 128 px 11.3 vs 11.6 frozen
+    # pixels cut: tower step size = recipe step size x this; larger values wreck the pretrained tower
+    # on small sets (docs/pixels.md)
     tower_lr_scale: float = 0.01
 
     def __post_init__(self):

@@ -7,8 +7,7 @@ evaluation: SGD, momentum 0.9, weight decay 5e-4, batch 64). The step size follo
 * ``learned`` (default): a set that learned a step size α (distillation unrolls plain SGD, no
   momentum) is trained with ``lr = α·(1 − momentum)``, the heavy-ball step whose effective step
   ``lr / (1 − momentum)`` equals α; a set without one uses ``lr``. (Using α itself with momentum 0.9,
-  as the paper's code does, takes steps ten times larger than the ones the set was distilled for:
-  on Flickr8k val a 100-pair ``tm`` set scored 14.7 mean recall that way and 38 with the conversion.)
+  as the paper's code does, takes steps ten times larger than the ones the set was distilled for.)
 
 Batches are drawn from a generator seeded by the eval seed only, so the same seed gives the same
 numbers. ``batching`` says how an epoch of n pairs is cut:
@@ -18,7 +17,7 @@ numbers. ``batching`` says how an epoch of n pairs is cut:
   ragged last batch is a different, much smaller loss taken at the full step size, once per epoch;
 * ``ragged`` (the paper's code, a plain DataLoader): batches of ``batch_size`` and the remainder
   (200 pairs: 64, 64, 64 and 8). On Flickr8k val and the synthetic set, ``tm``'s 200-pair sets lost
-  several points to their 8-pair batch (README "Session 8: the ragged batch").
+  several points to their 8-pair batch (docs/findings.md, "Even batching").
 
 A batch of a single pair has no negatives and is skipped.
 

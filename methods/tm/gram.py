@@ -10,10 +10,8 @@ per pair in the batch), so after any number of steps from ``W_0``::
 and the pre-activations of batch ``B`` at step s are ``X_B W_sᵀ + b_s = P_B + b_s − α K_B A`` with
 ``P = X W_0ᵀ`` and ``K = X Xᵀ`` computed once per unroll. A step then costs ``|B| × N × d_out``
 multiply-adds instead of ``|B| × d_in × d_out`` for the forward alone (and again for the backward
-and twice more in the meta-backward): at 100 synthetic pairs, 1280-d image and 384-d text features
-and a 512-d embedding, a 20-step unroll with its meta-gradient took 0.10 s instead of 0.30 s on 2
-CPU cores (0.14 vs 0.36 s at 200 pairs; equal at 1000, where ``cheaper`` says no; benchmark:
-``benchmarks/test_bench_tm.py``). The mathematics is that of ``naive`` mode
+and twice more in the meta-backward; timings: ``tests/benchmarks/test_bench_tm.py``,
+``docs/findings.md``). The mathematics is that of ``naive`` mode
 (``methods/tm/unroll.py``), so the gradients agree with it up to float rounding (tested in float64);
 the final ``θ_N`` is assembled explicitly and given to the same outer loss.
 
@@ -38,8 +36,7 @@ def supports(spec: list) -> bool:
 
 def cheaper(spec: list, n: int) -> bool:
     """Whether a step costs fewer multiply-adds here than in ``naive``: ``n`` (synthetic pairs) per
-    head against the heads' input widths (measured on 2 CPU cores, 20 steps of 128 pairs with 1280 +
-    384 input dims: 2.5x faster at n = 200, the same time as naive at n = 1000)."""
+    head against the heads' input widths."""
     return len(HEADS) * n < sum(shape[1] for name, shape in spec if name.endswith(".weight"))
 
 

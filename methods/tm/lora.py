@@ -6,11 +6,8 @@ layer ``W0, b0`` is fixed (``base_seed``) and only the rank-r adapters ``A`` (r 
 pre-activations is the same in every unrolled step, so ``P = X W0ᵀ + b0`` is computed once per unroll
 for all N synthetic pairs (and backpropagated once), instead of once per step for its batch and again
 in each step's backward and in the meta-backward. A step then costs ``|B|·r·(d_in + d_out)``
-multiply-adds on the adapter path instead of ``|B|·d_in·d_out`` more for the base layer: at 100
-synthetic pairs, rank 16 and 1280 + 384 input dims, one iteration (20-step unroll, meta-gradient,
-optimiser steps) took 0.224 s in ``naive`` mode and 0.126 s here on one CPU thread (0.296 and 0.224 s
-at 1000 pairs; benchmark ``benchmarks/test_bench_tm.py``). What is left is mostly the contrastive
-loss's double backward, as in ``methods/tm/gram.py``. The adapters themselves are unrolled as in ``naive`` mode
+multiply-adds on the adapter path instead of ``|B|·d_in·d_out`` more for the base layer (timings:
+``tests/benchmarks/test_bench_tm.py``, ``docs/findings.md``). The adapters themselves are unrolled as in ``naive`` mode
 (``methods/tm/unroll.py``), so the gradients agree with it up to float rounding (tested in float64).
 
 Only for LoRA on plain linear heads (the layout ``make_lora_student`` builds under the heads cut,

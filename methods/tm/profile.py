@@ -16,7 +16,7 @@ Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
 
 Prints a table and, with ``--out FILE``, writes the numbers as JSON. A GPU session runs
 ``python -m methods.tm.profile --device cuda --image-size 224 --images 100 --steps 10,20,40``
-(the H200 figures of REFERENCE.md were measured at that size).
+(docs/pixels.md has its figures).
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--depthwise", default="ours", help="comma list of ours,native (the tower's depthwise convolution)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--autocast", default="off", choices=("off", "bf16"),
-                    help="run the unrolled steps' forward in bf16 (timing only: see README on its gradients)")
+                    help="run the unrolled steps' forward in bf16 (timing only: see docs/pixels.md on its gradients)")
     ap.add_argument("--conv-batch", type=int, default=20)
     ap.add_argument("--flops", action="store_true", help="also count each iteration's FLOPs (convolutions and matrix products) and report TFLOP/s")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per unroll configuration (it is then reported as timed out)")

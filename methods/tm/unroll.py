@@ -7,8 +7,8 @@ pretrained tower, for instance; ``D = 1`` when absent). The outer loss is ``L(θ
 
 * ``naive``: build the whole unrolled graph (``create_graph=True`` at every step) and call
   ``backward`` once. Simple, but every step's activations (and their backward graphs) stay alive
-  until the meta-backward: peak memory grows linearly with N (on the H200, a pixel-space unroll of
-  EfficientNet-Lite0 with 100 images at 224 px used 67 GiB at N = 10 and ran out at N = 40).
+  until the meta-backward: peak memory grows linearly with N (too much for a pixel-space unroll on
+  a GPU; ``docs/pixels.md``).
 * ``exact``: store only the parameter vectors θ_0..θ_N in the forward pass (no graph), then walk back
   one step at a time with the adjoint ``λ_N = ∂L/∂θ_N`` (as TESLA does, Cui et al. 2023)::
 
