@@ -133,8 +133,7 @@ def reset() -> None:
     regs = _registries()
     for (kind, name), rec in list(_ORIGIN.items()):
         regs[kind].unregister(name)
-        if rec["module"].startswith("vlbench_plugin_"):  # a file's module; an installed module stays
-            sys.modules.pop(rec["module"], None)
+        sys.modules.pop(rec["module"], None)  # imported afresh (and registering again) next time
     _ORIGIN.clear()
     _LOADED.clear()
 

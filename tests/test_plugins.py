@@ -127,3 +127,31 @@ def test_ray_workers_import_the_plugin_too(plugin_file, tmp_path, cache):
     assert len(remote) == 2 and [r["status"] for r in remote] == ["ok", "ok"]
     assert [r["key"] for r in remote] == [r["key"] for r in local]
     assert [r["metrics_mean"] for r in remote] == [r["metrics_mean"] for r in local]
+
+
+def test_an_installed_package_registers_through_its_entry_point(tmp_path, monkeypatch):
+    """A distribution on sys.path whose entry point in the group vlbench.methods names its module."""
+    (tmp_path / "vlb_ep_demo.py").write_text(
+        "from dataclasses import dataclass\nfrom methods import Artifact, register_method\n"
+        "from methods.random_subset import random_pairs\nimport numpy as np\n\n"
+        "@register_method('ep_demo', 'coreset')\nclass Demo:\n"
+        "    @dataclass(frozen=True)\n    class Config:\n        pass\n\n"
+        "    def __init__(self, config):\n        self.config = config\n\n"
+        "    def build(self, ctx, budget, seed):\n"
+        "        cap = ctx.protocol.train.caption_image.numpy()\n"
+        "        return Artifact('selected', indices=random_pairs(cap, budget, np.random.default_rng(seed)))\n")
+    info = tmp_path / "vlb_ep_demo-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlb-ep-demo\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text("[vlbench.methods]\ndemo = vlb_ep_demo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.load_plugins([])
+        rec = plugins.origin("method", "ep_demo")
+        assert rec["module"] == "vlb_ep_demo" and rec["version"] == "1.2.3"
+        assert rec["sha256"] == hashlib.sha256((tmp_path / "vlb_ep_demo.py").read_bytes()).hexdigest()
+        assert "ep_demo" in METHODS.select("coreset")
+    finally:
+        plugins.reset()
+        sys.modules.pop("vlb_ep_demo", None)
+    assert "ep_demo" not in METHODS
