@@ -276,17 +276,25 @@ def cmd_evaluate(args) -> int:
 
     art, meta = Artifact.load(args.artifact)
     pc = dict(meta["protocol_config"])
-    recipe = {"batching": "ragged", **pc["recipe"]}  # artifacts from before the field were trained on ragged batches
-    pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**recipe)
-    pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
+    try:
+        recipe = {"batching": "ragged", **pc["recipe"]}  # artifacts from before the field were trained on ragged batches
+        pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**recipe)
+        pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
+        pcfg = ProtocolConfig(**pc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BenchError(f"the sidecar of {args.artifact} has a malformed protocol_config "
+                         f"({type(e).__name__}: {e})") from None
     if args.data_root:
-        pc["data_root"] = args.data_root
-    protocol = build_protocol(ProtocolConfig(**pc), args.cache_dir, args.device, log=lambda m: print(m, file=sys.stderr))
+        pcfg = dataclasses.replace(pcfg, data_root=args.data_root)
+    protocol = build_protocol(pcfg, args.cache_dir, args.device, log=lambda m: print(m, file=sys.stderr))
     if protocol.id != meta.get("protocol_id"):
         print(f"warning: protocol id {protocol.id} differs from the artifact's {meta.get('protocol_id')} "
               f"(data or encoders changed)", file=sys.stderr)
-    budget = meta.get("budget")
-    art.validate(protocol, budget)
+    budget = meta.get("budget") if isinstance(meta.get("budget"), int) else len(art)
+    try:
+        art.validate(protocol, budget)
+    except RuntimeError as e:  # the set does not fit its protocol's train split
+        raise BenchError(f"artifact {args.artifact} does not fit its protocol: {e}") from None
     per_seed = protocol.evaluate(art.pairs(protocol), list(range(args.seeds)), log=lambda m: print(m, file=sys.stderr))
     import numpy as np
     keys = [k for k in per_seed[0] if k not in ("seed", "lr", "train_s")]

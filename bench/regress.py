@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from bench.errors import BenchError
-from bench.results import atomic_write_json, cell_path, read_json
+from bench.results import atomic_write_json, cell_path, read_cell, read_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -118,10 +118,10 @@ def summarise(protocol_id: str, recs: list[dict]) -> dict:
 
 def load_cells(out: Path, protocol_id: str, cfg: RegressConfig) -> list[dict]:
     """The cells of a finished regression run, read back from its results folder."""
-    grid = read_json(Path(out) / "grids" / f"{protocol_id}.json")
+    grid = read_grid(Path(out) / "grids" / f"{protocol_id}.json")
     if not grid:
         raise BenchError(f"no regression grid under {out} for protocol {protocol_id}")
-    return [read_json(cell_path(out, protocol_id, c["method"], c["budget"], c["selection_seed"]))
+    return [read_cell(cell_path(out, protocol_id, c["method"], c["budget"], c["selection_seed"]))
             or {"method": c["method"], "budget": c["budget"], "selection_seed": c["selection_seed"], "status": "missing",
                 "error": "missing"} for c in grid["cells"]]
 

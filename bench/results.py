@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -43,6 +44,22 @@ def artifact_path(out: Path, protocol_id: str, method: str, budget: Optional[int
     return Path(out) / "artifacts" / protocol_id / method / f"{_stem(budget, seed)}.pt"
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """Check, before any work, that ``path`` is (or can be made) a folder this process can write
+    into; one clear error otherwise (an existing file, no permission, a read-only disk)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"{what} {path} is a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe.{socket.gethostname()}.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BenchError(f"{what} {path} is not writable: {e.strerror or type(e).__name__}") from None
+    return path
+
+
 def atomic_write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # host and pid in the temporary name: shards on several machines may write one file (the grid) at once
@@ -54,18 +71,59 @@ def atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(path: Path, why: str) -> None:
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        print(f"warning: ignoring {path}: {why} (it counts as missing; a rerun rewrites it)", file=sys.stderr)
+
+
 def read_json(path: Path) -> Optional[dict]:
-    """A stored JSON, or None when missing or unreadable (a half-written file cannot exist)."""
+    """A stored JSON object, or None when missing, unreadable or not an object (binary bytes, a
+    truncated or foreign file, a list): such a file counts as missing, with one warning per path,
+    so ``status``, ``report`` and a rerun always work. A half-written file cannot exist."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        _warn_once(path, f"unreadable ({type(e).__name__})")
+        return None
+    if not isinstance(obj, dict):
+        _warn_once(path, f"a JSON {type(obj).__name__}, not an object")
+        return None
+    return obj
+
+
+def read_cell(path: Path) -> Optional[dict]:
+    """A stored cell record, or None when it is missing or not a cell (see ``read_json``)."""
+    rec = read_json(path)
+    if rec is not None and not (isinstance(rec.get("key"), str) and isinstance(rec.get("status"), str)):
+        _warn_once(path, "not a cell record (no key or status)")
+        return None
+    return rec
+
+
+def read_grid(path: Path) -> Optional[dict]:
+    """A stored grid (``grids/<protocol_id>.json``), or None when missing or malformed."""
+    grid = read_json(path)
+    if grid is None:
+        return None
+    cells = grid.get("cells")
+    ok = isinstance(grid.get("protocol_id"), str) and isinstance(cells, list) and all(
+        isinstance(c, dict) and {"method", "budget", "selection_seed", "key"} <= set(c) for c in cells)
+    if not ok:
+        _warn_once(path, "not a grid record")
+        return None
+    return grid
 
 
 def is_done(path: Path, key: str) -> bool:
-    rec = read_json(path)
-    return bool(rec) and rec.get("status") == "ok" and rec.get("key") == key
+    rec = read_cell(path)
+    return rec is not None and rec.get("status") == "ok" and rec.get("key") == key
 
 
 def status_lines(out: Path) -> tuple[list[str], int]:
@@ -74,16 +132,16 @@ def status_lines(out: Path) -> tuple[list[str], int]:
         raise BenchError(f"no runs under {out}; start one with `python -m bench run --out {out}`")
     lines, any_failed = [], False
     for g in grids:
-        grid = read_json(g)
+        grid = read_grid(g)
         if not grid:
-            lines.append(f"{g}: unreadable grid file")
+            lines.append(f"{g}: unreadable grid file (the next run of its protocol rewrites it)")
             continue
         pid = grid["protocol_id"]
         p = grid.get("protocol", {})
         counts: Counter = Counter()
         detail = []
         for c in grid["cells"]:
-            rec = read_json(cell_path(out, pid, c["method"], c["budget"], c["selection_seed"]))
+            rec = read_cell(cell_path(out, pid, c["method"], c["budget"], c["selection_seed"]))
             if rec is None:
                 state = "missing"
             elif rec.get("key") != c["key"]:

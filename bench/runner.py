@@ -38,7 +38,7 @@ from bench.executors import ExecutorConfig, Work, make_executor
 from bench.manifest import manifest
 from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
-from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_json
+from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_cell, writable_dir
 from methods import METHODS, MethodContext
 from methods.base import Artifact, config_key, method_config, prepare
 
@@ -183,13 +183,20 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
     return CellResult(rec, art, meta)
 
 
-def store_cell(result: CellResult, out: Path) -> dict:
-    """Write a computed cell: its artifact (if any), then its JSON, each atomically."""
+def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
+    """Write a computed cell: its artifact (if any), then its JSON, each atomically. A cell whose
+    files cannot be written (a folder made read-only, a full disk) is returned as failed, with the
+    reason, and the grid goes on; nothing it leaves behind counts as done."""
     r = result.record
     where = (r["protocol_id"], r["method"], r["budget"], r["selection_seed"])
-    if result.artifact is not None:
-        result.artifact.save(artifact_path(out, *where), result.artifact_meta)
-    atomic_write_json(cell_path(out, *where), r)
+    try:
+        if result.artifact is not None:
+            result.artifact.save(artifact_path(out, *where), result.artifact_meta)
+        atomic_write_json(cell_path(out, *where), r)
+    except OSError as e:
+        msg = f"cannot write the cell's result under {out}: {type(e).__name__}: {e.strerror or e}"
+        log(f"FAIL  {r['method']} @ {'full' if r['budget'] is None else r['budget']} (seed {r['selection_seed']}): {msg}")
+        return {**r, "status": "failed", "error": msg}
     return r
 
 
@@ -198,8 +205,8 @@ def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = pri
     path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
     if not run.force and is_done(path, key_of(cell, protocol.id)):
         log(f"skip  {cell.label}: done")
-        return read_json(path)
-    return store_cell(compute_cell(cell, protocol, run, log), run.out)
+        return read_cell(path)
+    return store_cell(compute_cell(cell, protocol, run, log), run.out, log)
 
 
 def shard_cells(cells: list[Cell], shard: Optional[tuple[int, int]]) -> list[Cell]:
@@ -245,14 +252,21 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
     check_run(run)  # before any data is touched
     if run.shard is not None:
         shard_cells([], run.shard)  # validates I/N
+    from datasets.features import default_cache_dir
+
+    writable_dir(run.out, "--out")
+    writable_dir(run.cache_dir or default_cache_dir(), "--cache-dir")
     with make_executor(run.executor, log) as executor:  # fails early (one line) when Ray is missing or unreachable
         protocol = build_protocol(run.protocol, run.cache_dir, run.device, log)
         cells = plan(run, protocol.train.n_images)
         mine = shard_cells(cells, run.shard)
-        atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
-                          {"protocol_id": protocol.id, "protocol": protocol.describe(),
-                           "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
-                                      "key": key_of(c, protocol.id)} for c in cells]})
+        try:
+            atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
+                              {"protocol_id": protocol.id, "protocol": protocol.describe(),
+                               "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
+                                          "key": key_of(c, protocol.id)} for c in cells]})
+        except OSError as e:
+            raise BenchError(f"cannot write the grid file under {run.out}/grids: {e.strerror or e}") from None
         part = f" (shard {run.shard[0]}/{run.shard[1]}: {len(mine)} of them)" if run.shard else ""
         log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), "
             f"{len(cells)} cells{part} -> {run.out}")
@@ -262,7 +276,7 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
             path = cell_path(run.out, protocol.id, c.method, c.budget, c.selection_seed)
             if not run.force and is_done(path, key_of(c, protocol.id)):
                 log(f"skip  {c.label}: done")
-                recs[k] = read_json(path)
+                recs[k] = read_cell(path)
             else:
                 todo.append((k, c))
         failures = prepare_methods([c for _, c in todo], protocol, run, log)
@@ -270,7 +284,7 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
         runnable = []
         for k, c in todo:
             if _prepare_group(c) in failures:
-                recs[k] = store_cell(failed_result(c, protocol, run, *failures[_prepare_group(c)], 0.0), run.out)
+                recs[k] = store_cell(failed_result(c, protocol, run, *failures[_prepare_group(c)], 0.0), run.out, log)
             else:
                 runnable.append(c)
 
@@ -278,7 +292,7 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
             art = result.artifact
             if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
                 art.indices = np.array(art.indices)
-            recs[index[id(cell)]] = store_cell(result, run.out)
+            recs[index[id(cell)]] = store_cell(result, run.out, log)
 
         executor.run(runnable, grid_work(protocol, run, store, log))
     return protocol, [recs[k] for k in range(len(mine))]

@@ -3,19 +3,23 @@
 A split holds image references, captions and ``caption_image[j]`` = index (within the split) of the
 image caption j describes. An image reference is a file path, or for generated data any string the
 dataset's ``load_image`` understands. Every dataset has an ``identity``: a hash of its split file(s)
-and image list, which goes into cache keys and results.
+and image list and, for datasets read from disk, of every image file's content (``image_digest``),
+which goes into cache keys and results: changed images never reuse old features.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from bench.errors import BenchError
+from bench.progress import progress
 
 SPLITS = ("train", "val", "test")
 
@@ -94,6 +98,63 @@ def file_hash(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+IMAGE_DIGEST_VERSION = "sha256-v1"
+
+
+def image_digest(paths: list[str], root, cache_dir=None) -> str:
+    """One hash of every image file's content (sha256), for the dataset identity.
+
+    Hashing is memoised per file by (size, mtime) in ``<cache_dir>/image-hashes/``, as git's index
+    does, so a warm run only stats the files; a rewritten file is hashed again, and the identity
+    follows its content, not its timestamps (a copy of the data on another machine has the same
+    identity). A missing file is one clear error here, before any work, cache or no cache."""
+    root = Path(root).resolve()
+    memo_path = None if cache_dir is None else (
+        Path(cache_dir) / "image-hashes" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json")
+    memo = {}
+    if memo_path is not None:
+        try:
+            loaded = json.loads(memo_path.read_text())
+            memo = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            memo = {}
+    stats, missing = [], []
+    for p in map(os.path.abspath, paths):
+        try:
+            st = os.stat(p)
+            stats.append((p, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            missing.append(p)
+        except OSError as e:
+            raise BenchError(f"cannot read image file {p}: {e.strerror}") from None
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BenchError(f"image file not found: {missing[0]}{more} (under {root})")
+    digests, changed = [], False
+    todo = [s for s in stats if memo.get(s[0], [None, None])[:2] != [s[1], s[2]]]
+    with progress(total=len(todo), desc="hashing images", unit="img") as bar:
+        for p, size, mtime in stats:
+            entry = memo.get(p)
+            if not (isinstance(entry, list) and entry[:2] == [size, mtime] and len(entry) == 3):
+                try:
+                    entry = [size, mtime, file_hash(p)]
+                except OSError as e:
+                    raise BenchError(f"cannot read image file {p}: {e.strerror}") from None
+                memo[p], changed = entry, True
+                bar.update(1)
+            rel = os.path.relpath(p, root)
+            digests.append((rel, entry[2]))
+    if changed and memo_path is not None:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass  # the memo only saves time; the identity is computed either way
+    return identity_hash(IMAGE_DIGEST_VERSION, sorted(digests))
 
 
 def load_image_file(path: str) -> Image.Image:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from bench.errors import BenchError
-from datasets.base import CaptionDataset, Split, file_hash, identity_hash, load_image_file, make_split
+from datasets.base import CaptionDataset, Split, file_hash, identity_hash, image_digest, load_image_file, make_split
 
 KARPATHY_FILES = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json",
                   "coco": "dataset_coco.json"}
@@ -46,7 +46,20 @@ def _field(obj, key, where):
         raise BenchError(f"{where}: missing field {key!r}") from None
 
 
-def read_karpathy(name: str, data_root) -> CaptionDataset:
+def _captions(caps, where: str) -> list[str]:
+    """An entry's captions, stripped: a non-empty list of non-empty strings, or one clear error (a
+    caption-less image could never be retrieved, and would lower text retrieval silently)."""
+    if isinstance(caps, str) or not isinstance(caps, list) or not caps:
+        raise BenchError(f"{where}: no captions (every image needs at least one)")
+    out = []
+    for k, c in enumerate(caps):
+        if not isinstance(c, str) or not c.strip():
+            raise BenchError(f"{where}: caption {k} is empty or not a string")
+        out.append(c.strip())
+    return out
+
+
+def read_karpathy(name: str, data_root, cache_dir=None) -> CaptionDataset:
     root = _root(data_root)
     json_path = root / KARPATHY_FILES[name]
     if not json_path.exists():  # accept the JSON anywhere directly under the root
@@ -67,16 +80,20 @@ def read_karpathy(name: str, data_root) -> CaptionDataset:
             continue
         fname = _field(im, "filename", where)
         path = img_dir / im["filepath"] / fname if im.get("filepath") else img_dir / fname
-        caps = [_field(s, "raw", where).strip() for s in _field(im, "sentences", where)]
+        sentences = _field(im, "sentences", where)
+        if not isinstance(sentences, list):
+            raise BenchError(f"{where} ({fname}): 'sentences' must be a list")
+        caps = _captions([_field(s, "raw", where) for s in sentences], f"{where} ({fname})")
         records[split].append((str(path), caps))
     if not records["train"]:
         raise BenchError(f"{json_path}: no train images")
     splits = {s: make_split(r) for s, r in records.items()}
-    ident = identity_hash(name, file_hash(json_path), sorted(Path(p).name for s in splits.values() for p in s.images))
+    paths = [p for s in splits.values() for p in s.images]
+    ident = identity_hash(name, file_hash(json_path), sorted(Path(p).name for p in paths), image_digest(paths, root, cache_dir))
     return CaptionDataset(name, splits, ident, load_image_file)
 
 
-def read_coco_captions(data_root) -> CaptionDataset:
+def read_coco_captions(data_root, cache_dir=None) -> CaptionDataset:
     """``captions_{train,val,test}<year>.json`` under the root or ``annotations/``; images in
     ``<split><year>/`` (or ``images/``, or the root)."""
     root = _root(data_root)
@@ -100,18 +117,21 @@ def read_coco_captions(data_root) -> CaptionDataset:
             img_id = _field(a, "image_id", where)
             if img_id not in by_id:
                 raise BenchError(f"{where}: image_id {img_id} is not in 'images'")
-            by_id[img_id][1].append(_field(a, "caption", where).strip())
-        splits[split] = make_split([r for _, r in sorted(by_id.items()) if r[1]])
+            by_id[img_id][1].append(_field(a, "caption", where))
+        for img_id, (ref, caps) in by_id.items():
+            by_id[img_id] = (ref, _captions(caps, f"{path.name}: image {img_id} ({Path(ref).name})"))
+        splits[split] = make_split([r for _, r in sorted(by_id.items())])
         hashes.append((path.name, file_hash(path)))
     if "train" not in splits:
         raise BenchError(f"no captions_train*.json under {root}")
     for s in ("val", "test"):
         splits.setdefault(s, make_split([]))
-    ident = identity_hash("coco-captions", hashes)
+    paths = [p for s in splits.values() for p in s.images]
+    ident = identity_hash("coco-captions", hashes, image_digest(paths, root, cache_dir))
     return CaptionDataset("coco-captions", splits, ident, load_image_file)
 
 
-def read_folder(data_root) -> CaptionDataset:
+def read_folder(data_root, cache_dir=None) -> CaptionDataset:
     root = _root(data_root)
     path = root / "captions.jsonl"
     if not path.exists():
@@ -129,11 +149,11 @@ def read_folder(data_root) -> CaptionDataset:
             split = _SPLIT_ALIAS.get(rec.get("split", "train"))
             if split is None:
                 raise BenchError(f"{where}: unknown split {rec.get('split')!r} (use train, val or test)")
-            caps = _field(rec, "captions", where)
-            if isinstance(caps, str) or not caps:
-                raise BenchError(f"{where}: 'captions' must be a non-empty list of strings")
-            records[split].append((str(root / _field(rec, "image", where)), [c.strip() for c in caps]))
+            caps = _captions(_field(rec, "captions", where), where)
+            records[split].append((str(root / _field(rec, "image", where)), caps))
     if not records["train"]:
         raise BenchError(f"{path}: no train records")
     splits = {s: make_split(r) for s, r in records.items()}
-    return CaptionDataset("folder", splits, identity_hash("folder", file_hash(path)), load_image_file)
+    paths = [p for s in splits.values() for p in s.images]
+    ident = identity_hash("folder", file_hash(path), image_digest(paths, root, cache_dir))
+    return CaptionDataset("folder", splits, ident, load_image_file)

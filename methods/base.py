@@ -117,17 +117,50 @@ class Artifact:
         if path.suffix == ".json":
             path = path.with_suffix(".pt")
         side = path.with_suffix(".json")
-        if not path.exists() or not side.exists():
-            raise BenchError(f"artifact not found: {path} (and its sidecar {side.name})")
+        if not path.is_file():
+            raise BenchError(f"artifact not found: {path}")
+        if not side.is_file():
+            raise BenchError(f"artifact {path} has no sidecar {side.name} (its protocol and method); "
+                             f"both files are written together by `bench run`")
         try:
-            meta = json.loads(side.read_text())
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot read the sidecar {side}: {type(e).__name__}: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("protocol_config"), dict):
+            raise BenchError(f"sidecar {side} is not an artifact sidecar: it has no 'protocol_config' object")
+        try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BenchError(f"cannot read artifact {path}: {type(e).__name__}: {e}") from None
-        idx = blob.get("indices")
-        art = Artifact(blob["kind"], None if idx is None else idx.numpy(), blob.get("image"), blob.get("text"),
-                       blob.get("lr"), blob.get("extras") or {}, meta.get("info", {}))
-        return art, meta
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise BenchError(f"cannot read artifact {path}: {type(e).__name__}: {first}"[:300]) from None
+        return Artifact._from_blob(blob, path, meta.get("info", {})), meta
+
+    @staticmethod
+    def _from_blob(blob, path: Path, info: dict) -> "Artifact":
+        """An artifact from a loaded ``.pt``, every field checked (a foreign or damaged file is one
+        clear error, never a traceback or a silently different set)."""
+        def bad(why: str):
+            return BenchError(f"artifact {path} is not a vlbench artifact: {why}")
+
+        if not isinstance(blob, dict):
+            raise bad(f"it holds a {type(blob).__name__}, not the dict of a saved set")
+        kind = blob.get("kind")
+        if kind not in ("selected", "synthetic"):
+            raise bad(f"kind {kind!r} (expected 'selected' or 'synthetic')")
+        idx, image, text, lr = blob.get("indices"), blob.get("image"), blob.get("text"), blob.get("lr")
+        extras = blob.get("extras") or {}
+        if kind == "selected" and not (isinstance(idx, torch.Tensor) and idx.ndim == 1 and not idx.is_floating_point()):
+            raise bad("a selected set needs 'indices', a 1-d integer tensor")
+        if kind == "synthetic":
+            if not (isinstance(image, torch.Tensor) and isinstance(text, torch.Tensor)):
+                raise bad("a synthetic set needs 'image' and 'text' tensors")
+            if not (torch.isfinite(image.float()).all() and torch.isfinite(text.float()).all()):
+                raise bad("its synthetic tensors hold NaN or infinite values")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise bad(f"learned step size {lr!r} is not a positive number")
+        if not isinstance(extras, dict) or not all(isinstance(v, torch.Tensor) for v in extras.values()):
+            raise bad("'extras' must map names to tensors")
+        return Artifact(kind, None if idx is None else idx.numpy(), image, text, lr, extras, info)
 
 
 def prepare(method, ctx: MethodContext) -> None:

@@ -171,7 +171,7 @@ def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log
     if device.startswith("cuda"):  # same seed, same numbers: cuDNN's fastest kernels are not all deterministic
         # (two H200 runs of one full-data cell gave 32.0 and 32.9 without this; not yet re-checked with it)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit)
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit, cache_dir)
     ds.split("train"), ds.split("test")
     tower = None
     if cfg.student.cut == "pixels":  # fail early (no weights, unknown name) before any feature is computed

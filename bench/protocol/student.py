@@ -28,6 +28,7 @@ from bench.errors import BenchError
 
 
 CUTS = ("heads", "pixels")
+HEADS = ("linear", "mlp")
 PIXEL_FIELDS = ("image_size", "tower_lr_scale")  # settings of the pixels cut only
 
 
@@ -44,8 +45,22 @@ class StudentConfig:
     tower_lr_scale: float = 0.01
 
     def __post_init__(self):
+        """Every field is checked here, when the config is made: a bad value is one error line
+        before any data is read, never a failure inside each cell."""
         if self.cut not in CUTS:
             raise BenchError(f"unknown cut {self.cut!r}; available: {', '.join(CUTS)}")
+        if self.head not in HEADS:
+            raise BenchError(f"unknown student head {self.head!r}; available: {', '.join(HEADS)}")
+        if self.embed_dim < 1:
+            raise BenchError(f"student embed_dim must be >= 1, not {self.embed_dim}")
+        if not 0 <= self.dropout < 1:
+            raise BenchError(f"student dropout must be in [0, 1), not {self.dropout}")
+        if not self.temperature > 0:
+            raise BenchError(f"student temperature must be > 0, not {self.temperature}")
+        if self.image_size < 8:
+            raise BenchError(f"student image_size must be at least 8 pixels, not {self.image_size}")
+        if not self.tower_lr_scale >= 0:
+            raise BenchError(f"student tower_lr_scale must be >= 0, not {self.tower_lr_scale}")
         if self.cut == "heads":
             defaults = StudentConfig.__dataclass_fields__
             odd = [f for f in PIXEL_FIELDS if getattr(self, f) != defaults[f].default]

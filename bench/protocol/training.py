@@ -54,6 +54,12 @@ class Recipe:
             raise BenchError(f"unknown batching {self.batching!r}; available: {', '.join(BATCHING)}")
         if self.batch_size < 1 or self.epochs < 1:
             raise BenchError(f"recipe batch_size and epochs must be >= 1, not {self.batch_size}, {self.epochs}")
+        if not self.lr > 0:
+            raise BenchError(f"recipe lr must be > 0, not {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise BenchError(f"recipe momentum must be in [0, 1), not {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise BenchError(f"recipe weight_decay must be >= 0, not {self.weight_decay}")
 
     def batches(self, order: torch.Tensor) -> list[torch.Tensor]:
         """One epoch's batches: ``order`` (a permutation) cut as ``batching`` says."""
