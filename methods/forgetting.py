@@ -36,13 +36,15 @@ never-learned pairs).
 
 The learned/not-learned matrix ``[E, n_images]`` is cached on disk under
 ``<cache_dir>/forgetting/`` with a key covering the protocol id, the candidate rule and the
-statistics-defining options (``epochs`` resolved, ``train_seed``), written atomically.
+statistics-defining options (``epochs`` resolved, ``train_seed``), as a checksummed cache entry
+(``datasets.features.save_entry``: the ``.npz`` and a ``.json`` sidecar with its checksum), verified
+on every load; an entry that fails (changed bytes, truncated, no or a garbled sidecar, an older
+entry without a checksum) is recomputed after one log line.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ import torch
 
 from bench.protocol.training import embed, train_student
 from datasets.base import identity_hash
+from datasets.features import default_cache_dir, read_verified, save_entry
 from methods.base import Artifact, MethodContext, register_method
 from methods.coreset_features import CANDIDATE_RULE, check_budget, representative_captions
 
@@ -100,12 +103,11 @@ def retrieved_both_ways(img_emb: torch.Tensor, txt_emb: torch.Tensor, chunk: int
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``arrays`` as a checksummed ``.npz`` cache entry (data, then its sidecar)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    save_entry(path, lambda tmp: tmp.write_bytes(buf.getvalue()),
+               {"arrays": {k: [str(np.asarray(v).dtype), list(np.shape(v))] for k, v in arrays.items()}})
 
 
 @register_method("forgetting", "coreset", help="most-forgotten pairs during one full-data training run (Toneva 2019)")
@@ -126,8 +128,6 @@ class Forgetting:
         return e
 
     def cache_path(self, ctx: MethodContext) -> Path:
-        from datasets.features import default_cache_dir
-
         p = ctx.protocol
         key = identity_hash(STATS_VERSION, p.id, CANDIDATE_RULE, self._epochs(p), self.config.train_seed,
                             self.config.probe_size, len(p.train.image), len(p.train.text))
@@ -137,15 +137,19 @@ class Forgetting:
         """``([E, n_images] bool, from_cache)``: the cached matrix, or one training run."""
         path = self.cache_path(ctx)
         epochs, n = self._epochs(ctx.protocol), len(probe_caps)
-        if path.exists():
+        blob, _, why = read_verified(path)
+        if blob is not None:
             try:
-                with np.load(path) as z:
+                with np.load(io.BytesIO(blob), allow_pickle=False) as z:
                     learned, caps = z["learned"], z["probe_captions"]
+            except Exception as e:  # checksummed yet unreadable: written by something else
+                why = f"cannot be read ({type(e).__name__}: {e})"
+            else:
                 if learned.shape == (epochs, n) and np.array_equal(caps, probe_caps):
                     return learned.astype(bool), True
-                ctx.log(f"forgetting: cached statistics {path.name} do not match this split; recomputing")
-            except Exception as e:  # unreadable (e.g. truncated by hand): recompute
-                ctx.log(f"forgetting: cannot read {path.name} ({type(e).__name__}: {e}); recomputing")
+                why = "does not match this split"
+        if why:
+            ctx.log(f"forgetting: cached statistics entry {path.name} {why}; recomputing")
         learned = self._train_and_probe(ctx, probe_caps, epochs)
         _atomic_savez(path, learned=learned, probe_captions=probe_caps)
         return learned, False

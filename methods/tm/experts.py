@@ -15,13 +15,17 @@ Experts train on the protocol's device; buffers are stored on the CPU.
 
 Buffers are cached under ``<cache>/experts/<key>/``, where the key covers the dataset identity, the
 encoders, the cut and student, and the expert recipe (not the eval recipe, which experts never use).
-Each expert is written atomically as it finishes, so an interrupted build resumes where it stopped.
+Each expert is written atomically as it finishes, so an interrupted build resumes where it stopped:
+``expert_<i>.pt`` and then its sidecar ``expert_<i>.json`` with the file's checksum
+(``datasets.features.save_entry``). ``build`` and ``load`` verify every expert (size, checksum, shape,
+finite values); one that fails (changed bytes, truncated, no or a garbled sidecar, an older expert
+without a checksum) is retrained after one log line, never used.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ import torch
 from bench.progress import progress
 from bench.protocol.student import Student, contrastive_loss
 from datasets.base import identity_hash
+from datasets.features import all_finite, read_verified, save_entry
 
 EXPERT_VERSION = 1
 STORAGE = {"heads": "float16", "pixels": "delta16"}  # how each cut stores its epochs (see above)
@@ -164,38 +169,95 @@ class ExpertBuffer:
         self.key = identity_hash(EXPERT_VERSION, desc["dataset_identity"], desc["image_encoder"], desc["text_encoder"],
                                  desc["inputs"], desc["student"], dataclasses.asdict(cfg), *fmt)[:16]
         self.dir = Path(cache_dir) / "experts" / f"{protocol.cfg.dataset}-{self.key}"
+        self._files: dict[int, dict] = {}  # experts verified (or trained) by this buffer
+        self._log: Callable = print
 
     def path(self, i: int) -> Path:
         return self.dir / f"expert_{i:03d}.pt"
 
+    def _read(self, i: int) -> tuple["dict | None", "str | None"]:
+        """``(expert i's stored dict, None)`` when its file and sidecar exist and agree and it holds
+        ``[epochs + 1, n]`` finite parameters; else ``(None, why)``, ``why`` None when never built."""
+        blob, _, why = read_verified(self.path(i))
+        if blob is None:
+            return None, why
+        try:
+            f = torch.load(io.BytesIO(blob), weights_only=True)
+        except Exception as e:  # checksummed yet unreadable: written by something else
+            return None, f"cannot be read ({type(e).__name__}: {e})"
+        params, base = (f.get("params"), f.get("base")) if isinstance(f, dict) else (None, None)
+        if not (isinstance(params, torch.Tensor) and params.ndim == 2 and len(params) == self.cfg.epochs + 1
+                and "spec" in f):
+            return None, f"does not hold {self.cfg.epochs + 1} epochs of parameters"
+        if (base is None) != (self.storage == "float16"):
+            return None, f"is not stored as {self.storage}"
+        if not all(all_finite(t.numpy()) for t in (params, base) if t is not None):
+            return None, "holds non-finite values"
+        return f, None
+
     def missing(self) -> list[int]:
-        return [i for i in range(self.cfg.n_experts) if not self.path(i).exists()]
+        """The experts without a verified entry (never built, or failing the check of ``_read``)."""
+        return [i for i in range(self.cfg.n_experts) if self._read(i)[0] is None]
+
+    def _train(self, i: int, log: Callable) -> dict:
+        t0 = time.time()
+        traj = train_expert(self.protocol, self.cfg, EXPERT_SEED_OFFSET + i, self.storage)
+        if not all(all_finite(traj[k].numpy()) for k in ("params", "base") if k in traj):
+            raise RuntimeError(f"expert {i} (seed {EXPERT_SEED_OFFSET + i}) diverged: non-finite parameters, not cached")
+        save_entry(self.path(i), lambda tmp: torch.save(traj, tmp),
+                   {"expert": i, "seed": traj["seed"], "storage": self.storage, "shape": list(traj["params"].shape)})
+        log(f"expert {i + 1}/{self.cfg.n_experts}: {self.cfg.epochs} epochs in {time.time() - t0:.1f} s "
+            f"({traj['params'].shape[1]:,} trainable params) -> {self.path(i)}")
+        return traj
+
+    def _warn(self, i: int, why: str, log: Callable) -> None:
+        log(f"expert {i + 1}/{self.cfg.n_experts}: cached {self.path(i)} {why}; retraining")
 
     def build(self, log: Callable = print) -> "ExpertBuffer":
-        todo = self.missing()
+        """Verify every stored expert; train (again) those missing or failing. The verified experts
+        stay in memory for ``load`` and ``spec``."""
+        self._log, self._files = log, {}
+        todo = []
+        for i in range(self.cfg.n_experts):
+            f, why = self._read(i)
+            if f is None:
+                if why:
+                    self._warn(i, why, log)
+                todo.append(i)
+            else:
+                self._files[i] = f
         if not todo:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps({"key": self.key, "expert": dataclasses.asdict(self.cfg),
                                                           "protocol": self.protocol.describe()}, indent=1, default=str))
         for i in todo:
-            t0 = time.time()
-            traj = train_expert(self.protocol, self.cfg, EXPERT_SEED_OFFSET + i, self.storage)
-            tmp = self.path(i).with_name(f".{self.path(i).name}.{os.getpid()}.tmp")
-            torch.save(traj, tmp)
-            os.replace(tmp, self.path(i))
-            log(f"expert {i + 1}/{self.cfg.n_experts}: {self.cfg.epochs} epochs in {time.time() - t0:.1f} s "
-                f"({traj['params'].shape[1]:,} trainable params) -> {self.path(i)}")
+            self._files[i] = self._train(i, log)
         return self
 
-    def load(self) -> list[Trajectory]:
-        if self.missing():
+    def _file(self, i: int, log: "Callable | None" = None) -> dict:
+        """Expert i as verified by ``build``, else read and verified now (retrained if it fails)."""
+        if i not in self._files:
+            log = log or self._log
+            f, why = self._read(i)
+            if f is None:
+                if why is None:
+                    raise RuntimeError(f"expert buffer {self.dir} is incomplete; run `python -m bench experts` or build()")
+                self._warn(i, why, log)
+                f = self._train(i, log)
+            self._files[i] = f
+        return self._files[i]
+
+    def load(self, log: "Callable | None" = None) -> list[Trajectory]:
+        """The trajectories, each verified (by ``build`` on this buffer, or here); one that fails its
+        check is retrained after one line to ``log`` (default: the log given to ``build``, or print)."""
+        if any(i not in self._files and not self.path(i).exists() for i in range(self.cfg.n_experts)):
             raise RuntimeError(f"expert buffer {self.dir} is incomplete; run `python -m bench experts` or build()")
-        files = [torch.load(self.path(i), weights_only=True) for i in range(self.cfg.n_experts)]
+        files = [self._file(i, log) for i in range(self.cfg.n_experts)]
         return [Trajectory(f["params"], f.get("base")) for f in files]
 
     def spec(self) -> list[tuple[str, torch.Size]]:
-        return torch.load(self.path(0), weights_only=True)["spec"]
+        return self._file(0)["spec"]
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("expert_*.pt"))
