@@ -295,13 +295,24 @@ def cmd_evaluate(args) -> int:
         art.validate(protocol, budget)
     except RuntimeError as e:  # the set does not fit its protocol's train split
         raise BenchError(f"artifact {args.artifact} does not fit its protocol: {e}") from None
-    per_seed = protocol.evaluate(art.pairs(protocol), list(range(args.seeds)), log=lambda m: print(m, file=sys.stderr))
     import numpy as np
-    keys = [k for k in per_seed[0] if k not in ("seed", "lr", "train_s")]
+
+    def scored(per_seed: list[dict]) -> dict:
+        keys = [k for k in per_seed[0] if k not in ("seed", "lr", "train_s")]
+        return {"metrics_mean": {k: float(np.mean([m[k] for m in per_seed])) for k in keys},
+                "metrics_std": {k: float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
+                                for k in keys},
+                "metrics_per_seed": per_seed}
+
+    err = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    seeds = list(range(args.seeds))
+    native = art.native_recipe()
     summary = {"artifact": str(args.artifact), "method": meta.get("method"), "budget": budget, "protocol_id": protocol.id,
-               "storage_bytes": art.storage_bytes(protocol), "metrics_mean": {k: float(np.mean([m[k] for m in per_seed])) for k in keys},
-               "metrics_std": {k: float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys},
-               "metrics_per_seed": per_seed}
+               "storage_bytes": art.storage_bytes(protocol),
+               **scored(protocol.evaluate(art.pairs(protocol), seeds, log=err, recipe=native))}
+    if native is not None:  # a set with learned targets: scored natively (above) and plainly
+        summary["native"] = native
+        summary["plain"] = scored(protocol.evaluate(art.pairs(protocol, plain=True), seeds, log=err))
     print(json.dumps(summary, indent=1))
     return 0
 

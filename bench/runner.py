@@ -164,14 +164,22 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
             art = built
             meta = ({k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
                     | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": built.storage_bytes(protocol)})
-        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=built.recipe)
-        metrics = {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s")}
+        native = built.native_recipe()
+        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=built.recipe or native)
+        metrics = _metrics(per_seed)
         rec.update(status="ok", n_pairs=len(built) if built.kind != "full" else len(protocol.train.text),
                    storage_bytes=built.storage_bytes(protocol), learned_lr=built.lr, metrics_per_seed=per_seed,
                    metrics_mean={k: float(np.mean(v)) for k, v in metrics.items()},
                    artifact=str(apath) if built.kind != "full" else None,
-                   info=built.info | ({"recipe": built.recipe} if built.recipe else {}),
+                   info=built.info | ({"recipe": built.recipe} if built.recipe else {})
+                   | ({"learned_lr_text": built.lr_text} if built.lr_text is not None else {}),
                    timings={"build_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
+        if native is not None:  # a set with its own treatment is also scored as every other set is
+            log(f"  plain scoring of {cell.label} (InfoNCE, identity targets)")
+            plain = protocol.evaluate(built.pairs(protocol, plain=True), cell.eval_seeds, log)
+            rec.update(native=native, plain={"metrics_per_seed": plain,
+                                             "metrics_mean": {k: float(np.mean(v)) for k, v in _metrics(plain).items()}})
+            rec["timings"]["eval_s"] = round(time.time() - t1, 2)
         m = rec["metrics_mean"]
         log(f"done  {cell.label}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f} ({time.time() - t0:.1f} s)")
     except KeyboardInterrupt:
@@ -181,6 +189,10 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
         rec.update(status="failed", error=msg, traceback=traceback.format_exc(), timings={"failed_after_s": round(time.time() - t0, 2)})
         log(f"FAIL  {cell.label}: {msg}")
     return CellResult(rec, art, meta)
+
+
+def _metrics(per_seed: list[dict]) -> dict[str, list[float]]:
+    return {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s")}
 
 
 def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:

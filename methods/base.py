@@ -27,7 +27,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.registry import Registry
-from bench.protocol.training import PairSet
+from bench.protocol.training import PairSet, SimilarityTargets
 
 METHODS: Registry = Registry("method")
 BYTES_PER_VALUE = 4  # storage is counted as float32 values at the cut
@@ -60,27 +60,43 @@ class Artifact:
     info: dict = field(default_factory=dict)  # method-specific facts worth keeping (losses, timings)
     # reference rows only: Recipe fields this set is trained with instead of the protocol's (``full_tuned``)
     recipe: Optional[dict] = None
+    lr_text: Optional[float] = None  # a second learned step size, the text tower's (``lr`` is then the image's)
+
+    @property
+    def targets(self) -> Optional[SimilarityTargets]:
+        """Learned similarity targets over the pairs (extras ``sim_*``), if the set has them."""
+        return SimilarityTargets.from_tensors(self.extras)
+
+    def native_recipe(self) -> Optional[dict]:
+        """Recipe fields of the set's own treatment where it differs from the protocol's: a set with
+        learned targets trains natively with their loss (``wbce``) and is also scored plainly."""
+        return {"loss": "wbce"} if self.targets is not None else None
 
     def __len__(self) -> int:
         if self.kind == "selected":
             return len(self.indices)
         return len(self.text) if self.text is not None else 0
 
-    def pairs(self, protocol) -> PairSet:
+    def pairs(self, protocol, plain: bool = False) -> PairSet:
+        """The set as the protocol trains it; ``plain``: without its learned targets."""
         tr = protocol.train
         if self.kind == "full":
             return tr.all_pairs()
         if self.kind == "selected":
             j = torch.as_tensor(self.indices, dtype=torch.long)
             return PairSet.aligned(tr.image[tr.caption_image[j]], tr.text[j], self.lr)
-        return PairSet.aligned(self.image.float(), self.text.float(), self.lr)
+        return PairSet.aligned(self.image.float(), self.text.float(), self.lr, self.lr_text,
+                               None if plain else self.targets)
 
     def storage_bytes(self, protocol) -> int:
         """Bytes to store the set at the cut: every pair's inputs as float32, plus every learned
         extra (step size, adapters, ...), so that budgets can be compared by storage."""
         d = protocol.train.image[0].numel() + protocol.train.text.shape[1]  # pixels cut: 3 x S x S values per image
         n = len(protocol.train.text) if self.kind == "full" else len(self)
-        extra = (1 if self.lr is not None else 0) + sum(t.numel() for t in self.extras.values())
+        extra = (1 if self.lr is not None else 0) + (1 if self.lr_text is not None else 0)
+        targets = self.targets
+        extra += sum(t.numel() for k, t in self.extras.items() if not k.startswith("sim_"))
+        extra += targets.numel() if targets is not None else 0
         return int((n * d + extra) * BYTES_PER_VALUE)
 
     def validate(self, protocol, budget: Optional[int]) -> None:
@@ -103,6 +119,8 @@ class Artifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"kind": self.kind, "indices": None if self.indices is None else torch.as_tensor(self.indices),
                 "image": self.image, "text": self.text, "lr": self.lr, "extras": self.extras}
+        if self.lr_text is not None:
+            blob["lr_text"] = self.lr_text
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(blob, tmp)
         os.replace(tmp, path)
@@ -148,6 +166,7 @@ class Artifact:
         if kind not in ("selected", "synthetic"):
             raise bad(f"kind {kind!r} (expected 'selected' or 'synthetic')")
         idx, image, text, lr = blob.get("indices"), blob.get("image"), blob.get("text"), blob.get("lr")
+        lr_text = blob.get("lr_text")
         extras = blob.get("extras") or {}
         if kind == "selected" and not (isinstance(idx, torch.Tensor) and idx.ndim == 1 and not idx.is_floating_point()):
             raise bad("a selected set needs 'indices', a 1-d integer tensor")
@@ -156,11 +175,19 @@ class Artifact:
                 raise bad("a synthetic set needs 'image' and 'text' tensors")
             if not (torch.isfinite(image.float()).all() and torch.isfinite(text.float()).all()):
                 raise bad("its synthetic tensors hold NaN or infinite values")
-        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-            raise bad(f"learned step size {lr!r} is not a positive number")
+        for x in (lr, lr_text):
+            if x is not None and not (isinstance(x, (int, float)) and x > 0):
+                raise bad(f"learned step size {x!r} is not a positive number")
         if not isinstance(extras, dict) or not all(isinstance(v, torch.Tensor) for v in extras.values()):
             raise bad("'extras' must map names to tensors")
-        return Artifact(kind, None if idx is None else idx.numpy(), image, text, lr, extras, info)
+        art = Artifact(kind, None if idx is None else idx.numpy(), image, text, lr, extras, info, lr_text=lr_text)
+        try:
+            targets = art.targets
+        except (KeyError, ValueError) as e:
+            raise bad(f"its similarity targets are incomplete or inconsistent ({e})") from None
+        if targets is not None and len(targets) != len(art):
+            raise bad(f"its similarity targets cover {len(targets)} pairs, the set has {len(art)}")
+        return art
 
 
 def prepare(method, ctx: MethodContext) -> None:

@@ -93,7 +93,7 @@ class Protocol:
                            for s, f in self.feature_splits.items()}
             pixel_parts = (PIXEL_INPUT_VERSION, tower.key)
         self.id = identity_hash(dataset.identity, dataset.test_split, encoder_keys, cfg.student.identity(),
-                                dataclasses.asdict(cfg.recipe), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
+                                cfg.recipe.identity(), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
 
     def _cut(self, split, img, txt) -> CutSplit:
         def std(m, a):
@@ -126,7 +126,7 @@ class Protocol:
         return {"id": self.id, "dataset": c.dataset, "dataset_identity": self.dataset.identity,
                 "test_split": self.dataset.test_split, "limit": list(c.limit) if c.limit else None,
                 "image_encoder": self.encoder_keys["image"], "text_encoder": self.encoder_keys["text"],
-                "cut": c.student.cut, "student": c.student.identity(), "recipe": dataclasses.asdict(c.recipe),
+                "cut": c.student.cut, "student": c.student.identity(), "recipe": c.recipe.identity(),
                 "metric": METRIC_VERSION, "inputs": inputs, "splits": self.dataset.summary()}
 
     def fresh_student(self, seed: int):

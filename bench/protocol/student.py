@@ -116,14 +116,20 @@ class Student(nn.Module):
     def forward(self, image_x: torch.Tensor, text_x: torch.Tensor):
         return self.embed_image(image_x), self.embed_text(text_x)
 
-    def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups: the tower (pixels) at ``lr * tower_lr_scale``, the heads at ``lr``."""
-        if self.tower is None:
-            return [{"params": list(self.parameters()), "lr": lr}]
-        tower = list(self.tower.parameters())
-        ids = {id(p) for p in tower}
-        return [{"params": tower, "lr": lr * self.cfg.tower_lr_scale},
-                {"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr}]
+    def param_groups(self, lr: float, lr_text: Optional[float] = None) -> list[dict]:
+        """Optimizer groups: the tower (pixels) at ``lr * tower_lr_scale``, the heads at ``lr``; with
+        ``lr_text`` (a set with one learned step size per tower) the text head at ``lr_text``."""
+        text = list(self.text_head.parameters()) if lr_text is not None else []
+        ids = {id(p) for p in text}
+        tower = [] if self.tower is None else list(self.tower.parameters())
+        ids_tower = {id(p) for p in tower}
+        heads = [p for p in self.parameters() if id(p) not in ids and id(p) not in ids_tower]
+        groups = [{"params": heads, "lr": lr}]
+        if tower:
+            groups.insert(0, {"params": tower, "lr": lr * self.cfg.tower_lr_scale})
+        if text:
+            groups.append({"params": text, "lr": lr_text})
+        return groups
 
     def embed_image(self, x):
         if self.tower is not None:
@@ -139,6 +145,20 @@ def contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, temperature: 
     logits = img_emb @ txt_emb.T / temperature
     target = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def wbce_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LoRS's weighted binary cross-entropy against soft targets ``S`` (the batch's block).
+
+    ``p = sigmoid(x̂ ŷᵀ / T)``, ``l_ij = −S_ij log(p_ij + 1e-6) − (1 − S_ij) log(1 − p_ij + 1e-6)``;
+    the loss is the mean of ``l`` over the entries with ``S_ij > 0.5`` and the mean over the others,
+    averaged (the mask is not differentiated, ``S`` is not clamped). A part with no entries drops out."""
+    p = torch.sigmoid(img_emb @ txt_emb.T / temperature)
+    s = targets.to(p.dtype)
+    loss = -s * torch.log(p + 1e-6) - (1 - s) * torch.log(1 - p + 1e-6)
+    pos = (s > 0.5).detach()
+    parts = [loss[m].mean() for m in (pos, ~pos) if bool(m.any())]
+    return sum(parts) / len(parts)
 
 
 def build_student(cfg: StudentConfig, d_image: int, d_text: int, seed: int, tower: Optional[nn.Module] = None) -> Student:

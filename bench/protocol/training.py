@@ -21,20 +21,28 @@ numbers. ``batching`` says how an epoch of n pairs is cut:
 
 A batch of a single pair has no negatives and is skipped.
 
+``loss``: ``infonce`` (default; symmetric InfoNCE, the positives on the diagonal) or ``wbce``
+(LoRS's weighted BCE against the set's learned similarity targets, the batch's block of them;
+identity targets for a set without any). A set with learned targets is scored both ways by the
+runner: natively (``wbce``, its targets, its step sizes) and plainly (the protocol as for every set).
+The field is left out of the protocol id at its default, so ids from before it stay valid.
+
 Under the ``pixels`` cut the student's tower trains too, at ``lr * student.tower_lr_scale``
 (``Student.param_groups``). Batches move to the device the student is on.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from bench.errors import BenchError
-from bench.protocol.student import Student, contrastive_loss
+from bench.protocol.student import Student, contrastive_loss, wbce_loss
 
 BATCHING = ("even", "ragged")
+LOSSES = ("infonce", "wbce")
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,22 @@ class Recipe:
     weight_decay: float = 5e-4
     lr_policy: str = "learned"
     batching: str = "even"
+    loss: str = "infonce"
+
+    def identity(self) -> dict:
+        """The fields as hashed into protocol ids: ``loss`` only when it is not the default."""
+        d = dataclasses.asdict(self)
+        if d["loss"] == "infonce":
+            d.pop("loss")
+        return d
 
     def __post_init__(self):
         if self.lr_policy not in ("fixed", "learned"):
             raise BenchError(f"unknown lr_policy {self.lr_policy!r}; available: fixed, learned")
         if self.batching not in BATCHING:
             raise BenchError(f"unknown batching {self.batching!r}; available: {', '.join(BATCHING)}")
+        if self.loss not in LOSSES:
+            raise BenchError(f"unknown loss {self.loss!r}; available: {', '.join(LOSSES)}")
         if self.batch_size < 1 or self.epochs < 1:
             raise BenchError(f"recipe batch_size and epochs must be >= 1, not {self.batch_size}, {self.epochs}")
         if not self.lr > 0:
@@ -78,20 +96,78 @@ class Recipe:
 
 
 @dataclass
+class SimilarityTargets:
+    """Learned soft targets over a set's n pairs (LoRS): ``S = diag(a) + (α/r)·L·Rᵀ``, with
+    ``a`` [n], ``L`` and ``R`` [n, r]; or a ``dense`` [n, n] matrix. ``S[i, j]`` is how much image i
+    and text j should match. Only a batch's block is ever formed, ``S[b][:, b]``."""
+
+    a: Optional[torch.Tensor] = None
+    left: Optional[torch.Tensor] = None
+    right: Optional[torch.Tensor] = None
+    alpha: float = 1.0
+    dense: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        low_rank = self.a is not None and self.left is not None and self.right is not None
+        if low_rank == (self.dense is not None):
+            raise ValueError("similarity targets are either low-rank (a, left, right) or dense, not both or neither")
+        if low_rank and not (self.left.shape == self.right.shape and self.left.shape[0] == len(self.a)):
+            raise ValueError(f"similarity factors disagree: a {tuple(self.a.shape)}, L {tuple(self.left.shape)}, "
+                             f"R {tuple(self.right.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.a) if self.dense is None else len(self.dense)
+
+    def block(self, idx: torch.Tensor) -> torch.Tensor:
+        """``S[idx][:, idx]``, formed from the factors' rows (never the whole matrix)."""
+        if self.dense is not None:
+            return self.dense[idx][:, idx]
+        r = self.left.shape[1]
+        out = (self.alpha / r) * self.left[idx] @ self.right[idx].T if r else 0 * torch.eye(len(idx))
+        return out + torch.diag(self.a[idx])
+
+    def numel(self) -> int:
+        """Learned floats (the scale α is a fixed setting, recorded in the method's config)."""
+        if self.dense is not None:
+            return self.dense.numel()
+        return self.a.numel() + self.left.numel() + self.right.numel()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored form (an artifact's extras)."""
+        if self.dense is not None:
+            return {"sim_dense": self.dense}
+        return {"sim_a": self.a, "sim_left": self.left, "sim_right": self.right,
+                "sim_alpha": torch.tensor([float(self.alpha)])}
+
+    @staticmethod
+    def from_tensors(extras: dict) -> Optional["SimilarityTargets"]:
+        if "sim_dense" in extras:
+            return SimilarityTargets(dense=extras["sim_dense"].float())
+        if "sim_a" in extras:
+            return SimilarityTargets(extras["sim_a"].float(), extras["sim_left"].float(), extras["sim_right"].float(),
+                                     float(extras["sim_alpha"].reshape(-1)[0]))
+        return None
+
+
+@dataclass
 class PairSet:
-    """Pairs at the cut: ``text[j]`` goes with ``image[pair_image[j]]``; optional learned step size."""
+    """Pairs at the cut: ``text[j]`` goes with ``image[pair_image[j]]``; optional learned step size
+    (``lr``; with ``lr_text``, one per tower: ``lr`` the image side's) and learned targets."""
 
     image: torch.Tensor
     text: torch.Tensor
     pair_image: torch.Tensor
     lr: Optional[float] = None
+    lr_text: Optional[float] = None
+    targets: Optional[SimilarityTargets] = None
 
     def __len__(self) -> int:
         return len(self.text)
 
     @staticmethod
-    def aligned(image: torch.Tensor, text: torch.Tensor, lr: Optional[float] = None) -> "PairSet":
-        return PairSet(image, text, torch.arange(len(text)), lr)
+    def aligned(image: torch.Tensor, text: torch.Tensor, lr: Optional[float] = None, lr_text: Optional[float] = None,
+                targets: Optional[SimilarityTargets] = None) -> "PairSet":
+        return PairSet(image, text, torch.arange(len(text)), lr, lr_text, targets)
 
 
 def train_student(student: Student, pairs: PairSet, recipe: Recipe, seed: int,
@@ -105,7 +181,12 @@ def train_student(student: Student, pairs: PairSet, recipe: Recipe, seed: int,
 
 def _train(student, pairs, recipe, seed, on_epoch) -> float:
     lr = recipe.step_size(pairs.lr)
-    groups = student.param_groups(lr) if hasattr(student, "param_groups") else student.parameters()
+    lr_text = recipe.step_size(pairs.lr_text) if pairs.lr_text is not None and recipe.lr_policy == "learned" else None
+    if hasattr(student, "param_groups"):
+        groups = student.param_groups(lr) if lr_text is None else student.param_groups(lr, lr_text)
+    else:
+        groups = student.parameters()
+    wbce = recipe.loss == "wbce"
     opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     dev = next(student.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +201,11 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
             if len(j) < 2:  # a last batch of one pair has no negatives
                 continue
             img, txt = student(pairs.image[pairs.pair_image[j]].to(dev), pairs.text[j].to(dev))
-            loss = contrastive_loss(img, txt, temp)
+            if wbce:
+                target = pairs.targets.block(j).to(dev) if pairs.targets is not None else torch.eye(len(j), device=dev)
+                loss = wbce_loss(img, txt, target, temp)
+            else:
+                loss = contrastive_loss(img, txt, temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
