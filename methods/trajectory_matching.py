@@ -70,9 +70,9 @@ from torch.func import functional_call
 
 from bench.errors import BenchError
 from bench.progress import progress
-from bench.protocol.student import contrastive_loss
+from bench.protocol.student import contrastive_loss, wbce_loss
+from bench.protocol.training import PairSet, SimilarityTargets
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
-from bench.protocol.training import PairSet
 from methods.tm.gram import cheaper as gram_is_cheaper, gram_meta_backward, supports as gram_supports
 from methods.tm.lora import cheaper as lora_is_cheaper, lora_meta_backward, lora_scaling, supports as lora_supports
 from methods.tm.unroll import MODES, meta_backward
@@ -82,6 +82,7 @@ from methods.random_subset import random_pairs
 
 
 KEEP = ("holdout", "best", "last")
+AUTO = -1  # a LoRS-family setting at this value takes the paper's default for the budget (``resolved``)
 HOLDOUT_SEED = 2_024  # the held-out train images are the same for every budget, seed and variant
 MIN_HOLDOUT = 8
 CHECK_SEED = 1_000  # + the selection seed: a check's student is not initialised like an eval seed's
@@ -143,6 +144,19 @@ class TMConfig:
     # meta-gradient: auto | naive | exact | fd | gram | lora (see the module docstring); left out of cell keys at default
     unroll: str = field(default="auto", metadata=OMIT_DEFAULT)
     fd_radius: float = field(default=1e-3, metadata=OMIT_DEFAULT)  # fd: ||ε·μ||, the perturbation length (1e-2..1e-4 fine in fp32)
+    # learned similarity targets S = diag(a) + (targets_alpha / r)·L·Rᵀ of rank r = targets_rank (LoRS; 0 = none),
+    # moved by SGD at lr_targets; the unrolled steps and the set's native scoring then use WBCE against S
+    targets_rank: int = field(default=0, metadata=OMIT_DEFAULT)
+    targets_alpha: float = field(default=1.0, metadata=OMIT_DEFAULT)
+    lr_targets: float = field(default=10.0, metadata=OMIT_DEFAULT)
+    tower_lrs: bool = field(default=False, metadata=OMIT_DEFAULT)  # one learned step size per tower (LoRS)
+    blend: bool = field(default=False, metadata=OMIT_DEFAULT)  # RepBlend: mix pairs in every unrolled step
+    # "joint": one normalised distance over all matched parameters; "per_head": each head's own, summed
+    match: str = field(default="joint", metadata=OMIT_DEFAULT)
+
+    def resolved(self, budget: int) -> "TMConfig":
+        """The settings used at ``budget`` (a variant with per-budget defaults fills them in here)."""
+        return self
 
     def __post_init__(self):
         if self.unroll not in ("auto", "gram", "lora", *MODES):
@@ -159,10 +173,22 @@ class TMConfig:
             raise BenchError(f"tm backoff must be in (0, 1] and backoff_below in [0, 1), not {self.backoff}, {self.backoff_below}")
         if self.grad_clip < 0:
             raise BenchError(f"tm grad_clip must be >= 0 (0 = off), not {self.grad_clip}")
-        if self.batch_syn < 1 or self.whole_below < 0:
+        if (self.batch_syn < 1 and self.batch_syn != AUTO) or self.whole_below < 0:
             raise BenchError(f"tm batch_syn must be >= 1 and whole_below >= 0, not {self.batch_syn}, {self.whole_below}")
         if self.check_every < 1 or self.holdout_images < 1:
             raise BenchError(f"tm check_every and holdout_images must be >= 1, not {self.check_every}, {self.holdout_images}")
+        if self.match not in ("joint", "per_head"):
+            raise BenchError(f"tm match must be joint or per_head, not {self.match!r}")
+        if self.targets_rank < 0 and self.targets_rank != AUTO:
+            raise BenchError(f"tm targets_rank must be >= 0, not {self.targets_rank}")
+        if self.extended and self.unroll not in ("auto", "naive"):
+            raise BenchError("learned targets, per-tower step sizes and blending unroll in naive mode only "
+                             f"(unroll=auto or naive, not {self.unroll!r})")
+
+    @property
+    def extended(self) -> bool:
+        """Whether the unrolled steps go beyond the paper's TM (LoRS's targets and step sizes, blending)."""
+        return self.targets_rank != 0 or self.tower_lrs or self.blend or self.match != "joint"
 
     def unroll_mode(self, cut: str, spec: list, budget: int) -> str:
         """``auto``: exact under pixels; under heads gram (linear heads, when it costs fewer
@@ -174,6 +200,8 @@ class TMConfig:
             raise BenchError("tm unroll=lora needs the heads cut with LoRA on linear heads (tm_lora)")
         if self.unroll != "auto":
             return self.unroll
+        if self.extended:
+            return "naive"
         if cut != "heads":
             return "exact"
         if gram_supports(spec) and gram_is_cheaper(spec, budget):
@@ -201,17 +229,37 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor,
+                  groups: "list[torch.Tensor] | None" = None) -> torch.Tensor:
     """``||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²``: 1 when the student did not move, 0 when it
-    lands on the expert; invariant to a common rescaling of the parameters."""
-    return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
+    lands on the expert; invariant to a common rescaling of the parameters. With ``groups`` (boolean
+    masks over θ, e.g. one per head: RepBlend) the sum of each group's own normalised distance."""
+    if groups is None:
+        return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
+    return sum(((theta[m] - target[m]) ** 2).sum() / ((start[m] - target[m]) ** 2).sum() for m in groups)
+
+
+def blend_pairs(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepBlend's representation blending: ``λx + (1 − λ)x[π]`` with one ``λ ~ Beta(1, 1)`` and one
+    permutation ``π`` for both sides (drawn from torch's generator, seeded per cell)."""
+    lam = torch.distributions.Beta(1.0, 1.0).sample().to(img.device)
+    perm = torch.randperm(len(img)).to(img.device)
+    return lam * img + (1 - lam) * img[perm], lam * txt + (1 - lam) * txt[perm]
+
+
+def similarity_block(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A minibatch's block of ``diag(a) + (α/r)·L·Rᵀ`` from the batch's rows (differentiable)."""
+    return torch.diag(a) + (alpha / left.shape[1]) * left @ right.T
 
 
 def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.Tensor, target: torch.Tensor,
                  syn_img: torch.Tensor, syn_txt: torch.Tensor, syn_lr: torch.Tensor, opts: list, *, syn_steps: int,
                  batch: int, temperature: float, min_lr: float, gen: torch.Generator, unroll: str = "naive",
                  fd_radius: float = 1e-3, lr_scale: "torch.Tensor | None" = None,
-                 autocast: "torch.dtype | None" = None, before_step: "Callable[[], None] | None" = None) -> torch.Tensor:
+                 autocast: "torch.dtype | None" = None, before_step: "Callable[[], None] | None" = None,
+                 targets: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None" = None,
+                 lr_text: "torch.Tensor | None" = None, text_mask: "torch.Tensor | None" = None,
+                 blend: bool = False, groups: "list[torch.Tensor] | None" = None) -> torch.Tensor:
     """One matching iteration: start the student (``model`` run with flat trainable parameters laid
     out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
     step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
@@ -222,21 +270,38 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     ``opts``; keep ``syn_lr >= min_lr``. ``autocast``: a dtype to run each step's forward in (under
     ``torch.autocast``), or None for float32 (what the methods use: in bfloat16 the pretrained tower
     cannot see its own inner steps, see docs/pixels.md). ``before_step()`` runs between the
-    meta-backward and the optimiser steps (gradient clipping). Returns the (detached) matching loss."""
+    meta-backward and the optimiser steps (gradient clipping). Returns the (detached) matching loss.
+
+    The LoRS family (naive unroll): ``targets = (a, L, R, α)``, learned similarity factors that the
+    steps' WBCE loss uses (the batch's rows) and that receive gradients like the data; ``lr_text``, the
+    text tower's step size for the parameters in ``text_mask`` (``syn_lr`` then the image tower's);
+    ``blend``, RepBlend's mixing of each minibatch; ``groups``, masks matched each on its own."""
     batches = [torch.randperm(len(syn_txt), generator=gen)[:batch].to(start.device) for _ in range(syn_steps)]
 
-    def step_loss(theta, img, txt):
+    def step_loss(theta, img, txt, *sim):
+        if blend:  # the targets' block is not blended
+            img, txt = blend_pairs(img, txt)
         with torch.autocast(start.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             img_e, txt_e = functional_call(model, unflatten(theta, spec) | frozen, (img, txt))
-        return contrastive_loss(img_e.float(), txt_e.float(), temperature)
+        if autocast is not None:  # the loss in float32 (a float32 or float64 model keeps its own precision)
+            img_e, txt_e = img_e.float(), txt_e.float()
+        if sim:
+            return wbce_loss(img_e, txt_e, similarity_block(*sim, targets[3]), temperature)
+        return contrastive_loss(img_e, txt_e, temperature)
 
     def head_loss(z_img, z_txt):  # gram: the same loss from the heads' pre-activations
         return contrastive_loss(F.normalize(z_img, dim=-1), F.normalize(z_txt, dim=-1), temperature)
 
     for o in opts:
         o.zero_grad(set_to_none=True)
-    outer = lambda theta: matching_loss(theta, start, target)  # noqa: E731
-    if unroll == "gram":
+    outer = lambda theta: matching_loss(theta, start, target, groups)  # noqa: E731
+    if targets is not None or lr_text is not None or blend or groups is not None:
+        if unroll != "naive":
+            raise ValueError("learned targets, per-tower step sizes, blending and per-head matching unroll naively")
+        lr = syn_lr if lr_text is None else torch.where(text_mask, lr_text, syn_lr)
+        data = [syn_img, syn_txt, *([] if targets is None else targets[:3])]
+        loss = meta_backward(step_loss, start, data, batches, lr, outer, mode="naive", lr_scale=lr_scale)
+    elif unroll == "gram":
         loss = gram_meta_backward(head_loss, start, spec, [syn_img, syn_txt], batches, syn_lr, outer)
     elif unroll == "lora":
         loss = lora_meta_backward(head_loss, start, spec, frozen, lora_scaling(model), [syn_img, syn_txt],
@@ -250,6 +315,8 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
         o.step()
     with torch.no_grad():
         syn_lr.clamp_(min=min_lr)
+        if lr_text is not None:
+            lr_text.clamp_(min=min_lr)
     return loss.detach()
 
 
@@ -265,7 +332,7 @@ class TrajectoryMatching:
         ExpertBuffer(ctx.protocol, self.config.experts(), ctx.cache_dir or default_cache_dir()).build(ctx.log)
 
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
-        c, p = self.config, ctx.protocol
+        c, p = self.config.resolved(budget), ctx.protocol
         dev = torch.device(p.device)
         if c.modality not in ("joint", "image", "text"):
             raise ValueError(f"modality must be joint, image or text, not {c.modality!r}")
@@ -297,7 +364,20 @@ class TrajectoryMatching:
         syn_img.requires_grad_(learn_img)
         syn_txt.requires_grad_(learn_txt)
         syn_lr = torch.tensor(c.lr_init, requires_grad=True, device=dev)
-        opts = [torch.optim.SGD([syn_lr], lr=c.lr_lr, momentum=c.momentum)]
+        # LoRS family: the text tower's own step size, learned similarity factors, per-head matching
+        lr_txt = torch.tensor(c.lr_init, requires_grad=True, device=dev) if c.tower_lrs else None
+        is_text = torch.cat([torch.full((int(torch.Size(shape).numel()),), n.startswith("text_head."), dtype=torch.bool)
+                             for n, shape in spec]).to(dev)
+        groups = [~is_text, is_text] if c.match == "per_head" else None
+        sim = None
+        if c.targets_rank > 0:  # S = I at the start: a = 1, L ~ N(0, 1), R = 0 (LoRS's initialisation)
+            g = torch.Generator().manual_seed(seed)
+            sim = [torch.ones(budget), torch.randn(budget, c.targets_rank, generator=g),
+                   torch.zeros(budget, c.targets_rank)]
+            sim = [t.to(dev).requires_grad_(True) for t in sim]
+        opts = [torch.optim.SGD([syn_lr] + ([lr_txt] if lr_txt is not None else []), lr=c.lr_lr, momentum=c.momentum)]
+        if sim is not None:
+            opts.append(torch.optim.SGD(sim, lr=c.lr_targets, momentum=c.momentum))
         data_groups = [{"params": [x], "lr": lr} for x, lr, on in ((syn_img, c.lr_image, learn_img),
                                                                    (syn_txt, c.lr_text, learn_txt)) if on]
         if c.data_optimizer == "adam":
@@ -315,20 +395,33 @@ class TrajectoryMatching:
         losses, t0, rss_early = [], time.time(), _rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        # the kept set: (criterion, lower is better; iteration; images; texts; step size)
-        kept = (float("inf"), c.iterations, None, None, None)
+        # the kept set: (criterion, lower is better; iteration; its state, see snapshot)
+        kept = (float("inf"), c.iterations, None)
         curve = []  # keep="holdout": (iteration, mean recall on the held-out images of a student trained on the set)
         backoffs = []  # iterations at which the best set was restored and the data lr cut
 
-        def snapshot():
-            return syn_img.detach().clone(), syn_txt.detach().clone(), float(syn_lr.item())
+        learned = {"img": syn_img, "txt": syn_txt, "lr": syn_lr, "lr_txt": lr_txt,
+                   **({} if sim is None else {"a": sim[0], "left": sim[1], "right": sim[2]})}
+        learned = {k: v for k, v in learned.items() if v is not None}
+
+        def snapshot() -> dict:
+            return {k: v.detach().clone() for k, v in learned.items()}
+
+        def as_set(state: dict) -> tuple[PairSet, "dict | None"]:
+            """The set a state describes, and its native recipe (WBCE when it has targets)."""
+            targets = None if sim is None else SimilarityTargets(state["a"].cpu(), state["left"].cpu(),
+                                                                 state["right"].cpu(), c.targets_alpha)
+            lr_t = float(state["lr_txt"]) if "lr_txt" in state else None
+            return (PairSet.aligned(state["img"], state["txt"], float(state["lr"]), lr_t, targets),
+                    None if targets is None else {"loss": "wbce"})
 
         def check(it: int, kept: tuple) -> tuple:
-            img, txt, lr = snapshot()
+            state = snapshot()
+            pairs, recipe = as_set(state)  # scored natively: the set's own loss and targets
             with torch.random.fork_rng(devices=[]):
-                score = p.evaluate(PairSet.aligned(img, txt, lr), [CHECK_SEED + seed], split=holdout)[0]["mean"]
+                score = p.evaluate(pairs, [CHECK_SEED + seed], split=holdout, recipe=recipe)[0]["mean"]
             curve.append((it, round(score, 2)))
-            return (-score, it, img, txt, lr) if -score < kept[0] else kept  # ties keep the earlier set
+            return (-score, it, state) if -score < kept[0] else kept  # ties keep the earlier set
 
         norms = {id(x): deque(maxlen=CLIP_HISTORY) for x in (syn_img, syn_txt)}
         clipped = []  # (iteration, tensor, norm / cap) of every clipped gradient
@@ -350,9 +443,8 @@ class TrajectoryMatching:
         def backoff(kept: tuple) -> None:
             """Back to the best checked set and its step size, at a lower data lr, momentum forgotten."""
             with torch.no_grad():
-                syn_img.copy_(kept[2])
-                syn_txt.copy_(kept[3])
-                syn_lr.fill_(kept[4])
+                for k, v in learned.items():
+                    v.copy_(kept[2][k])
             for o in opts:
                 o.state.clear()
             for g in data_opt.param_groups:
@@ -371,7 +463,9 @@ class TrajectoryMatching:
                 loss = tm_iteration(model, frozen, spec, start, target, syn_img, syn_txt, syn_lr, opts,
                                     syn_steps=c.syn_steps, batch=bs, temperature=temp, min_lr=c.min_lr, gen=gen,
                                     unroll=mode, fd_radius=c.fd_radius, lr_scale=lr_scale,
-                                    before_step=clip if c.grad_clip > 0 else None)
+                                    before_step=clip if c.grad_clip > 0 else None,
+                                    targets=None if sim is None else (*sim, c.targets_alpha), lr_text=lr_txt,
+                                    text_mask=is_text if lr_txt is not None else None, blend=c.blend, groups=groups)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
                 losses.append(loss.item())
@@ -380,7 +474,7 @@ class TrajectoryMatching:
                 if c.keep == "best" and len(losses) >= 25 and (it + 1) % 5 == 0:
                     window = float(np.mean(losses[-25:]))
                     if window < kept[0]:  # the method's own objective
-                        kept = (window, it + 1, *snapshot())
+                        kept = (window, it + 1, snapshot())
                 if c.keep == "holdout" and ((it + 1) % c.check_every == 0 or it + 1 == c.iterations):
                     kept = check(it + 1, kept)  # scored on held-out train images, never on val or test
                     if curve[-1][1] < c.backoff_below * -kept[0] and it + 1 < c.iterations:  # a collapse: back to the best set, slower
@@ -391,13 +485,13 @@ class TrajectoryMatching:
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}")
-        kept_it = c.iterations
+        kept_it, final = c.iterations, snapshot()
         if c.keep != "last" and kept[2] is not None:
-            _, kept_it, syn_img, syn_txt, lr_kept = kept
-            syn_lr = torch.tensor(lr_kept)
+            _, kept_it, final = kept
+        final_set, _ = as_set(final)
         k = max(1, min(50, len(losses) // 4))
         info = {"match_loss_first": float(np.mean(losses[:k])), "match_loss_last": float(np.mean(losses[-k:])),
-                "learned_lr": float(syn_lr.item()), "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
+                "learned_lr": final_set.lr, "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
                 "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
                 "init_caption_indices": init.tolist(), "unroll": mode, "unroll_batch": bs,
                 "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
@@ -407,12 +501,16 @@ class TrajectoryMatching:
             info["holdout_images"], info["holdout_curve"], info["backoffs"] = len(held), curve, backoffs
         if dev.type == "cuda":
             info["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if c is not self.config:  # per-budget defaults: what was used
+            info["resolved"] = {f: getattr(c, f) for f in c.AUTO_FIELDS}
         ctx.log(f"  {self.name}: match loss {info['match_loss_first']:.3f} -> {info['match_loss_last']:.3f}, "
                 f"step size {info['learned_lr']:.4g}, kept iteration {kept_it}, {info['seconds']} s")
         # heads: the frozen base heads are regenerated from base_seed (stored); pixels: the base is the pretrained tower
         extras = {"lora_base_seed": torch.tensor([c.base_seed])} if c.lora_rank > 0 and p.tower is None else {}
-        return Artifact("synthetic", image=syn_img.detach().cpu(), text=syn_txt.detach().cpu(), lr=float(syn_lr.item()),
-                        extras=extras, info=info)
+        if final_set.targets is not None:
+            extras.update(final_set.targets.tensors())
+        return Artifact("synthetic", image=final_set.image.cpu(), text=final_set.text.cpu(), lr=final_set.lr,
+                        lr_text=final_set.lr_text, extras=extras, info=info)
 
 
 def _variant(name: str, help: str, group: str = "distill", **overrides):
