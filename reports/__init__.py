@@ -1,8 +1,10 @@
-"""Reports: tables and figures from the per-cell result files of a vlbench output directory.
+"""Reports: tables and figures from the stored per-cell result files of a vlbench output directory.
 
-Entry point: :func:`write_report`. Building blocks: :mod:`reports.aggregate` (load + pool cells),
-:mod:`reports.tables` (markdown / LaTeX / CSV), :mod:`reports.plots` (recall vs budget),
-:mod:`reports.published` (the paper's numbers, shown only on request).
+Entry point: :func:`write_report`. Building blocks: :mod:`reports.frame` (cell files -> one pandas
+row per eval-seed run, pooled per table row), :mod:`reports.tables` (markdown / LaTeX / CSV),
+:mod:`reports.plots` (recall vs budget), :mod:`reports.published` (the paper's numbers, shown only
+on request). The package reads stored results only and never runs or imports a method: from the
+project it may import :mod:`bench.errors` and nothing else.
 """
 from __future__ import annotations
 
@@ -14,44 +16,58 @@ __all__ = ["write_report"]
 
 def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
                  include_published: bool = False) -> list[Path]:
-    """Write one table set and figure per protocol id, plus a ``README.md`` index.
+    """Write one table set and figure per protocol id, the runs frame, and a ``README.md`` index.
 
-    For each protocol: ``<report_dir>/<dataset>_<protocol_id>.{md,tex,csv,png,pdf}``;
-    ``report_dir`` defaults to ``<out_dir>/report``. Published numbers (Flickr30K, COCO) are added
-    as labelled rows only with ``include_published``. Returns the written paths, index last.
-    Raises :class:`bench.errors.BenchError` when ``out_dir`` holds no successful cell.
+    For each protocol: ``<report_dir>/<dataset>_<protocol_id>.{md,tex,csv,png,pdf}``; for all of
+    them ``runs.csv`` (one row per eval-seed run, see :func:`reports.frame.runs_frame`) and
+    ``runs.parquet`` when pyarrow is installed. ``report_dir`` defaults to ``<out_dir>/report``.
+    Published numbers (Flickr30K, COCO) are added as labelled rows only with ``include_published``.
+    Returns the written paths, index last. Raises :class:`bench.errors.BenchError` when ``out_dir``
+    holds no successful cell.
     """
     from bench.errors import BenchError
-    from reports.aggregate import aggregate, by_protocol, load_cells
+    from reports.frame import load_runs
     from reports.plots import save_figure
-    from reports.tables import build_table, to_csv, to_latex, to_markdown
+    from reports.tables import describe, protocol_summary, to_csv, to_latex, to_markdown
 
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir is not None else out_dir / "report"
-    rows = aggregate(load_cells(out_dir))
-    if not any(r.has_results for r in rows):
+    runs = load_runs(out_dir)
+    if not runs["status"].eq("ok").any():
         raise BenchError(f"no results under {out_dir}; run `python -m bench run` first")
 
     report_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    index: list[tuple[str, object, list[Path]]] = []
-    for pid, prows in by_protocol(rows).items():
-        if not any(r.has_results for r in prows):
+    index: list[tuple[str, dict, list[Path]]] = []
+    for pid, pruns in runs.groupby("protocol_id", sort=True):
+        if not pruns["status"].eq("ok").any():
             continue  # only failures under this protocol: nothing to tabulate
-        table = build_table(prows, include_published=include_published)
-        stem = report_dir / f"{_safe(table.dataset)}_{_safe(pid)}"
+        info = describe(protocol_summary(pruns))
+        stem = report_dir / f"{_safe(info['dataset'])}_{_safe(pid)}"
         files = []
-        for suffix, text in ((".md", to_markdown(table)), (".tex", to_latex(table)),
-                             (".csv", to_csv(prows, include_published=include_published))):
+        for suffix, text in ((".md", to_markdown(pruns, include_published)),
+                             (".tex", to_latex(pruns, include_published)),
+                             (".csv", to_csv(pruns, include_published))):
             path = stem.parent / f"{stem.name}{suffix}"
             path.write_text(text, encoding="utf-8")
             files.append(path)
-        files += save_figure(prows, stem)
+        files += save_figure(pruns, stem)
         written += files
-        index.append((pid, table, files))
+        index.append((pid, info, files))
+
+    frames = [report_dir / "runs.csv"]
+    runs.to_csv(frames[0], index=False, lineterminator="\n")
+    try:
+        import pyarrow  # noqa: F401  (optional: parquet only where it is installed)
+    except ImportError:
+        pass
+    else:
+        frames.append(report_dir / "runs.parquet")
+        runs.to_parquet(frames[1], index=False)
+    written += frames
 
     readme = report_dir / "README.md"
-    readme.write_text(_index_markdown(out_dir, index), encoding="utf-8")
+    readme.write_text(_index_markdown(out_dir, index, frames), encoding="utf-8")
     written.append(readme)
     return written
 
@@ -61,25 +77,26 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "unnamed"
 
 
-def _index_markdown(out_dir: Path, index: list) -> str:
+def _index_markdown(out_dir: Path, index: list, frames: list[Path]) -> str:
+    from reports.tables import ALL_PAIRS
+
     lines = ["# vlbench report", "", f"Results from `{out_dir}`, one table set per protocol "
              "(tables only ever compare cells of one protocol).", "",
              "| Dataset | Test split | Protocol | Methods | Budgets | Runs per cell | Failed cells | Files |",
              "|---|---|---|---|---|---|---:|---|"]
-    for pid, table, files in index:
-        methods = [ln.label for s in table.sections if s.group != "published" for ln in s.lines]
-        budgets = ", ".join(str(b) for b in table.blocks if b is not None) or "–"
-        failed = sum(r.n_failed for r in table.failures)
+    for pid, info, files in index:
+        budgets = ", ".join(b for b in info["blocks"] if b != ALL_PAIRS) or "–"
         links = " · ".join(f"[{p.suffix[1:]}]({p.name})" for p in files)
-        lines.append(f"| {table.dataset} | {table.test_split} | `{pid}` | {', '.join(methods)} | {budgets} "
-                     f"| {table.runs_text()} | {failed} | {links} |")
-    lines.append("")
-    for pid, table, files in index:
+        lines.append(f"| {info['dataset']} | {info['test_split']} | `{pid}` | {', '.join(info['methods'])} "
+                     f"| {budgets} | {info['runs_text']} | {info['failed']} | {links} |")
+    lines += ["", "All runs of all protocols, one row per eval-seed run (a failed cell is one row with its "
+              "error): " + " · ".join(f"[{p.suffix[1:]}]({p.name})" for p in frames), ""]
+    for pid, info, files in index:
         png = next((p for p in files if p.suffix == ".png"), None)
-        lines += [f"## {table.dataset} · protocol `{pid}`", ""]
-        proto = ", ".join(f"{k}={v}" for k, v in table.protocol.items())
+        lines += [f"## {info['dataset']} · protocol `{pid}`", ""]
+        proto = ", ".join(f"{k}={v}" for k, v in info["protocol"].items())
         if proto:
             lines += [f"Protocol: {proto}", ""]
         if png is not None:
-            lines += [f"![{table.dataset} {pid}]({png.name})", ""]
+            lines += [f"![{info['dataset']} {pid}]({png.name})", ""]
     return "\n".join(lines) + "\n"

@@ -2,21 +2,22 @@
 
 Three panels (TR R@1, IR R@1, mean of the six recalls) against the budget on a log x axis whose
 ticks are the budgets actually run; one line per method with std error bars, and the full-data
-value as a dashed horizontal line. Drawn with the Agg canvas directly (no pyplot, so importing
-this module never changes the caller's matplotlib backend).
+value as a dashed horizontal line. Drawn from the runs frame of :mod:`reports.frame` with the Agg
+canvas directly (no pyplot, so importing this module never changes the caller's matplotlib backend).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Iterable
 
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
-from reports.aggregate import Row, group_rank, method_rank
-from reports.tables import display_name
+from reports.frame import is_reference, ordered
+from reports.tables import display_name, protocol_summary
 
 PANELS: tuple[tuple[str, str], ...] = (
     ("tr_r1", "TR R@1 (image→text)"),
@@ -32,22 +33,20 @@ LOG_Y_RATIO = 8.0
 mean by this factor, so that subset methods far below the full-data line stay readable."""
 
 
-def _series(rows: list[Row]) -> dict[str, list[Row]]:
+def _series(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Non-reference rows with results, by method (display order), each sorted by budget."""
-    out: dict[str, list[Row]] = {}
-    for r in sorted(rows, key=lambda r: (group_rank(r.group), method_rank(r.method), r.budget or 0)):
-        if not r.is_reference and r.has_results:
-            out.setdefault(r.method, []).append(r)
-    return out
+    rows = summary[~is_reference(summary) & summary["n"].gt(0)]
+    return {method: rs.astype({"budget": float}) for method, rs in rows.groupby("method", sort=False)}
 
 
-def make_figure(rows: Iterable[Row]) -> Figure:
-    """The 3-panel recall-vs-budget figure for the rows of one protocol."""
-    rows = list(rows)
-    series = _series(rows)
-    references = sorted((r for r in rows if r.is_reference and r.has_results), key=lambda r: method_rank(r.method))
-    budgets = sorted({r.budget for s in series.values() for r in s})
-    first = next((r for r in rows if r.has_results), rows[0])
+def make_figure(runs: pd.DataFrame) -> Figure:
+    """The 3-panel recall-vs-budget figure for the runs of one protocol."""
+    summary = protocol_summary(runs)
+    series = _series(summary)
+    has = summary["n"].gt(0)
+    references = ordered(summary[is_reference(summary) & has], by=("method",))
+    budgets = sorted({int(b) for rs in series.values() for b in rs["budget"]})
+    first = summary[has].iloc[0] if has.any() else summary.iloc[0]
 
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -59,29 +58,29 @@ def make_figure(rows: Iterable[Row]) -> Figure:
     offsets = {m: 10 ** (0.012 * (i - (len(series) - 1) / 2)) for i, m in enumerate(series)}
     for ax, (metric, title) in zip(axes, PANELS):
         for method, rs in series.items():
-            style = GROUP_STYLE.get(rs[0].group, DEFAULT_STYLE)
-            ax.errorbar([r.budget * offsets[method] for r in rs], [r.mean[metric] for r in rs],
-                        yerr=[r.std[metric] for r in rs], label=display_name(method), color=colors[method],
+            style = GROUP_STYLE.get(rs["group"].iloc[0], DEFAULT_STYLE)
+            ax.errorbar((rs["budget"] * offsets[method]).tolist(), rs[metric].tolist(),
+                        yerr=rs[f"{metric}_std"].tolist(), label=display_name(method), color=colors[method],
                         marker=markers[method], capsize=3, markersize=5, elinewidth=1, **style)
-        for ref, dash in zip(references, ((0, (5, 3)), (0, (1, 2)))):
-            value = ref.mean[metric]
+        for (_, ref), dash in zip(references.iterrows(), ((0, (5, 3)), (0, (1, 2)))):
+            value = ref[metric]
             ax.axhline(value, color="0.25", linestyle=dash, linewidth=1.2,
-                       label=f"{display_name(ref.method)} (no budget; n={ref.n})")
+                       label=f"{display_name(ref['method'])} (no budget; n={ref['n']})")
             # labelled at the left, where the smallest budgets (lowest values) usually are
-            ax.annotate(f"{display_name(ref.method).lower()} {value:.1f}", xy=(0.01, value), xycoords=("axes fraction", "data"),
-                        xytext=(0, 3), textcoords="offset points", ha="left", va="bottom",
-                        fontsize=8, color="0.2",
+            ax.annotate(f"{display_name(ref['method']).lower()} {value:.1f}", xy=(0.01, value),
+                        xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
+                        ha="left", va="bottom", fontsize=8, color="0.2",
                         bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7))
         ax.set_title(title)
         ax.set_xlabel("budget (image–text pairs)")
         _budget_axis(ax, budgets)
         _value_axis(ax, log_y)
         ax.grid(True, which="major", alpha=0.3)
-    ns = sorted({r.n for s in series.values() for r in s})
+    ns = sorted({n for rs in series.values() for n in rs["n"]})
     n_text = (f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else "0"
-    fig.suptitle(f"{first.dataset} (test split: {first.protocol.get('test_split', 'test')}) · "
-                 f"protocol {first.protocol_id} · mean ± sample std over n = {n_text} runs "
-                 f"(selection × eval seeds)", fontsize=11)
+    test_split = json.loads(first["protocol"]).get("test_split", "test")
+    fig.suptitle(f"{first['dataset']} (test split: {test_split}) · protocol {first['protocol_id']} · "
+                 f"mean ± sample std over n = {n_text} runs (selection × eval seeds)", fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 7), frameon=False)
@@ -101,10 +100,10 @@ def _budget_axis(ax, budgets: list[int]) -> None:
     ax.set_xticklabels([str(b) for b in budgets])
 
 
-def _use_log_y(series: dict[str, list[Row]], references: list[Row]) -> bool:
+def _use_log_y(series: dict[str, pd.DataFrame], references: pd.DataFrame) -> bool:
     """Whether the values span so much that a linear axis would squash the small ones."""
-    means = [r.mean[m] for rs in series.values() for r in rs for m, _ in PANELS]
-    means += [ref.mean[m] for ref in references for m, _ in PANELS]
+    metrics = [m for m, _ in PANELS]
+    means = [v for rs in [*series.values(), references] for v in rs[metrics].to_numpy().ravel().tolist()]
     if not means or min(means) <= 0:
         return False  # a zero recall cannot be shown on a log axis
     return max(means) / min(means) > LOG_Y_RATIO
@@ -128,14 +127,15 @@ def _value_axis(ax, log_y: bool) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _markers(series: dict[str, list[Row]]) -> dict[str, str]:
+def _markers(series: dict[str, pd.DataFrame]) -> dict[str, str]:
     """Distinct markers per method (circles-ish for coresets, squares-ish for distillation)."""
     used: dict[str, int] = {}
     out = {}
     for method, rs in series.items():
-        pool = MARKERS.get(rs[0].group, "^v<>")
-        i = used.get(rs[0].group, 0)
-        used[rs[0].group] = i + 1
+        group = rs["group"].iloc[0]
+        pool = MARKERS.get(group, "^v<>")
+        i = used.get(group, 0)
+        used[group] = i + 1
         out[method] = pool[i % len(pool)]
     return out
 
@@ -145,9 +145,9 @@ def _colors(methods: list[str]) -> dict[str, str]:
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
-def save_figure(rows: Iterable[Row], stem: str | Path) -> list[Path]:
-    """Write ``<stem>.png`` (dpi 150) and ``<stem>.pdf``; returns both paths."""
-    fig = make_figure(rows)
+def save_figure(runs: pd.DataFrame, stem: str | Path) -> list[Path]:
+    """Write ``<stem>.png`` (dpi 150) and ``<stem>.pdf`` of one protocol's runs; returns both paths."""
+    fig = make_figure(runs)
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]

@@ -9,7 +9,9 @@ no std. Budget ``None`` is the full training set (given for Flickr30K only).
 """
 from __future__ import annotations
 
-from reports.aggregate import RECALL_METRICS
+import pandas as pd
+
+from reports.frame import RECALL_METRICS, ordered
 
 SOURCE = "Wu et al., TMLR 2024"
 LABEL = "(published, other protocol)"
@@ -84,14 +86,16 @@ _TABLE: dict[str, dict[str, dict[int | None, tuple[float, ...]]]] = {
 }
 
 
+def published_rows(dataset: str) -> pd.DataFrame:
+    """One row per published (method, budget) of ``dataset``: ``method``, ``budget`` (NA for the full
+    training set) and the six recalls, in display order; empty if nothing was published."""
+    rows = [{"method": method, "budget": budget, **dict(zip(RECALL_METRICS, vals))}
+            for method, by_budget in _TABLE.get(dataset.lower(), {}).items() for budget, vals in by_budget.items()]
+    frame = pd.DataFrame.from_records(rows, columns=["method", "budget", *RECALL_METRICS])
+    return ordered(frame.astype({"budget": "Int64"}), by=("method", "budget"))
+
+
 def datasets() -> list[str]:
     """Datasets with published numbers."""
     return sorted(_TABLE)
 
-
-def published(dataset: str) -> dict[str, dict[int | None, dict[str, float]]]:
-    """``method -> budget -> {metric: value}`` for ``dataset`` (empty if none was published)."""
-    return {
-        method: {budget: dict(zip(RECALL_METRICS, vals)) for budget, vals in by_budget.items()}
-        for method, by_budget in _TABLE.get(dataset.lower(), {}).items()
-    }

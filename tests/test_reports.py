@@ -1,4 +1,4 @@
-"""Tests for reports/: aggregation, tables (markdown, LaTeX, CSV), plots and write_report."""
+"""Tests for reports/: pooling runs, tables (markdown, LaTeX, CSV), plots and write_report."""
 from __future__ import annotations
 
 import csv
@@ -8,13 +8,14 @@ import math
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.errors import BenchError
 from reports import write_report
-from reports.aggregate import METRICS, RECALL_METRICS, aggregate, load_cells, sample_std
+from reports.frame import METRICS, RECALL_METRICS, load_cells, load_runs, metric_stats, sample_std, summarize
 from reports.plots import save_figure
-from reports.tables import build_table, to_csv, to_latex, to_markdown
+from reports.tables import to_csv, to_latex, to_markdown
 
 PID = "9f8e7d6c5b4a"
 PROTOCOL = {"dataset": "flickr8k", "test_split": "val", "cut": "heads",
@@ -69,50 +70,63 @@ def out(tmp_path: Path) -> Path:
     return o
 
 
+def _budget(b) -> int | None:
+    return None if pd.isna(b) else int(b)
+
+
 def rows_of(out: Path) -> dict:
-    return {(r.method, r.budget): r for r in aggregate(load_cells(out))}
+    """The summary rows of ``out`` (one pandas Series each), by (method, budget)."""
+    return {(r["method"], _budget(r["budget"])): r for _, r in summarize(load_runs(out)).iterrows()}
 
 
-# ---------------------------------------------------------------------------- aggregation
+def values_of(out: Path, method: str, budget: int | None, metric: str) -> list[float]:
+    """The per-run values pooled into one table row (as the CSV lists them)."""
+    stats = metric_stats(load_runs(out))
+    return next(r["values"] for _, r in stats.iterrows()
+                if (r["method"], _budget(r["budget"]), r["metric"]) == (method, budget, metric))
+
+
+# ---------------------------------------------------------------------------- pooling runs
 
 
 def test_aggregate_pools_selection_seeds(out):
     r = rows_of(out)[("random", 100)]
-    assert r.n == 2 and r.n_cells == 2 and r.n_failed == 0
-    assert r.values["tr_r1"] == [1.0, 3.0]
-    assert r.mean["tr_r1"] == 2.0
-    assert r.std["tr_r1"] == pytest.approx(math.sqrt(2.0), abs=1e-12)  # 1.414..., ddof=1
-    assert r.std["tr_r5"] == 0.0 and r.mean["tr_r5"] == 4.0
-    assert r.group == "coreset" and r.protocol == PROTOCOL and r.dataset == "flickr8k"
-    assert r.selection_seeds == [0, 1]
-    assert set(r.mean) == set(METRICS)
+    assert r["n"] == 2 and r["n_cells"] == 2 and r["n_failed"] == 0
+    assert values_of(out, "random", 100, "tr_r1") == [1.0, 3.0]
+    assert r["tr_r1"] == 2.0
+    assert r["tr_r1_std"] == pytest.approx(math.sqrt(2.0), abs=1e-12)  # 1.414..., ddof=1
+    assert r["tr_r5_std"] == 0.0 and r["tr_r5"] == 4.0
+    assert r["group"] == "coreset" and json.loads(r["protocol"]) == PROTOCOL and r["dataset"] == "flickr8k"
+    runs = load_runs(out)
+    assert sorted(runs.loc[runs["method"].eq("random") & runs["budget"].eq(100), "selection_seed"].unique()) == [0, 1]
+    assert set(METRICS) | {f"{m}_std" for m in METRICS} <= set(r.index)
 
 
 def test_single_run_has_zero_std(out):
     r = rows_of(out)[("tm", 100)]
-    assert r.n == 1 and all(r.std[m] == 0.0 for m in METRICS)
+    assert r["n"] == 1 and all(r[f"{m}_std"] == 0.0 for m in METRICS)
 
 
 def test_eval_seeds_are_pooled_with_selection_seeds(tmp_path):
     write_cell(tmp_path, "random", 100, 0, [metrics(0, tr_r1=1.0), metrics(1, tr_r1=2.0)])
     write_cell(tmp_path, "random", 100, 1, [metrics(0, tr_r1=3.0), metrics(1, tr_r1=6.0)])
-    r = aggregate(load_cells(tmp_path))[0]
-    assert r.n == 4 and r.mean["tr_r1"] == 3.0
-    assert r.std["tr_r1"] == pytest.approx(sample_std([1.0, 2.0, 3.0, 6.0]))
-    assert r.std["tr_r1"] == pytest.approx(math.sqrt(14 / 3))
+    r = summarize(load_runs(tmp_path)).iloc[0]
+    assert r["n"] == 4 and r["tr_r1"] == 3.0
+    assert r["tr_r1_std"] == pytest.approx(sample_std([1.0, 2.0, 3.0, 6.0]))
+    assert r["tr_r1_std"] == pytest.approx(math.sqrt(14 / 3))
 
 
 def test_failed_cells_counted_and_excluded(out):
     rows = rows_of(out)
     r = rows[("random", 200)]
-    assert r.n_failed == 1 and r.n == 1 and r.n_cells == 1
-    assert r.mean["tr_r1"] == 2.0 and not r.not_applicable
+    assert r["n_failed"] == 1 and r["n"] == 1 and r["n_cells"] == 1
+    assert r["tr_r1"] == 2.0 and not r["not_applicable"]
     h = rows[("herding", 200)]
-    assert h.n == 0 and h.n_failed == 1 and h.not_applicable and math.isnan(h.mean["tr_r1"])
+    assert h["n"] == 0 and h["n_failed"] == 1 and h["not_applicable"] and math.isnan(h["tr_r1"])
 
 
 def test_rows_are_ordered_reference_coreset_distill(out):
-    order = [(r.method, r.budget) for r in aggregate(load_cells(out))]
+    order = list(rows_of(out))
     assert order == [("full", None), ("random", 100), ("random", 200), ("herding", 100), ("herding", 200),
                      ("tm", 100), ("tm", 200)]
 
@@ -139,19 +153,15 @@ def test_duplicate_key_prefers_ok_cell(tmp_path):
     dup.rename(dup.with_name("zz_retry.json"))
     write_cell(tmp_path, "random", 100, 0, [metrics(0, tr_r1=1.0)], key="same")
     with pytest.warns(UserWarning, match="share key"):
-        rows = aggregate(load_cells(tmp_path))
-    assert rows[0].n == 1 and rows[0].n_failed == 0
+        rows = summarize(load_runs(tmp_path))
+    assert rows.iloc[0]["n"] == 1 and rows.iloc[0]["n_failed"] == 0
 
 
 # ---------------------------------------------------------------------------- tables
 
 
-def table_of(out: Path, **kw):
-    return build_table(aggregate(load_cells(out)), **kw)
-
-
 def test_markdown_cells_and_grouping(out):
-    md = to_markdown(table_of(out))
+    md = to_markdown(load_runs(out))
     lines = md.splitlines()
     title = lines[0]
     assert title.startswith("# flickr8k") and "val" in title and PID in title
@@ -186,14 +196,14 @@ def test_both_full_data_rows_are_reference_lines_repeated_under_every_budget(out
     from reports.plots import make_figure
 
     write_cell(out, "full_tuned", None, 0, [metrics(0, 12.0), metrics(1, 12.0)])
-    md = to_markdown(table_of(out))
+    md = to_markdown(load_runs(out))
     lines = md.splitlines()
     tuned = next(ln for ln in lines if ln.startswith("| Full data (own recipe) |"))
     cells = [c.strip() for c in tuned.strip("|").split("|")][1:]
     assert cells[0] == "12.0 ± 0.0" and cells[:6] == cells[6:]
     # both above the coreset header, the protocol's row first; neither is a method (never bold)
     assert md.index("| Full data |") < md.index("| Full data (own recipe) |") < md.index("**Coreset selection**")
-    ax = make_figure(aggregate(load_cells(out))).axes[0]
+    ax = make_figure(load_runs(out)).axes[0]
     labels = [t.get_text() for t in ax.texts]
     assert labels == ["full data 10.0", "full data (own recipe) 12.0"]  # one labelled line each
 
@@ -203,13 +213,13 @@ def test_missing_cell_shows_dash(tmp_path):
     write_cell(tmp_path, "tm", 100, 0)
     write_cell(tmp_path, "tm", 200, 0)
     write_cell(tmp_path, "random", 200, 0, status="failed")
-    md = to_markdown(table_of(tmp_path))
+    md = to_markdown(load_runs(tmp_path))
     random_row = next(ln for ln in md.splitlines() if ln.startswith("| Random |"))
     assert random_row.count("–") == 6 and "n/a" not in random_row
 
 
 def test_latex_booktabs_and_bold_best(out):
-    tex = to_latex(table_of(out))
+    tex = to_latex(load_runs(out))
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\caption{"):
         assert rule in tex
     assert PID in tex and "n = 1--2 runs per cell" in tex
@@ -233,17 +243,17 @@ def test_latex_bold_ties_and_escaping(tmp_path):
     proto = dict(PROTOCOL, dataset="my_set")
     write_cell(tmp_path, "random", 100, 0, [metrics(0, tr_r1=5.04)], protocol=proto)
     write_cell(tmp_path, "tm", 100, 0, [metrics(0, tr_r1=4.96)], protocol=proto)
-    tex = to_latex(table_of(tmp_path))
+    tex = to_latex(load_runs(tmp_path))
     assert r"on my\_set (test split" in tex and r"\label{tab:my-set-" in tex
     # both display 5.0 -> both bold (ties are judged at the displayed precision)
     assert tex.count(r"\textbf{5.0}") == 2
 
 
 def test_csv_long_format(out):
-    rows = aggregate(load_cells(out))
-    text = to_csv(rows)
+    rows = summarize(load_runs(out))
+    text = to_csv(load_runs(out))
     records = list(csv.DictReader(io.StringIO(text)))
-    with_results = [r for r in rows if r.n > 0]
+    with_results = rows[rows["n"] > 0]
     assert len(with_results) == 6 and len(records) == 6 * len(METRICS)
     assert list(records[0]) == ["protocol_id", "dataset", "method", "group", "budget", "metric",
                                 "n", "mean", "std", "values"]
@@ -259,19 +269,19 @@ def test_published_rows_only_on_request_and_for_known_datasets(tmp_path):
     for m, b in (("random", 100), ("random", 200), ("tm", 100)):
         write_cell(tmp_path, m, b, 0, protocol=proto)
     write_cell(tmp_path, "full", None, 0, protocol=proto)
-    assert "published" not in to_markdown(table_of(tmp_path))
-    md = to_markdown(table_of(tmp_path, include_published=True))
+    assert "published" not in to_markdown(load_runs(tmp_path))
+    md = to_markdown(load_runs(tmp_path), include_published=True)
     assert "n = 1 run per cell" in md.splitlines()[0]
     line = next(ln for ln in md.splitlines() if ln.startswith("| Random (published, other protocol) |"))
     assert [c.strip() for c in line.strip("|").split("|")][1:] == \
         ["1.3", "5.9", "10.1", "1.0", "4.0", "6.5", "2.1", "8.7", "13.2", "1.1", "4.8", "9.2"]
     assert "| Full data (published, other protocol) | 33.9 |" in md
     assert md.index("| TM (distilled) |") < md.index("Published (Wu et al., TMLR 2024")
-    tex = to_latex(table_of(tmp_path, include_published=True))
+    tex = to_latex(load_runs(tmp_path), include_published=True)
     pub_line = next(ln for ln in tex.splitlines() if ln.startswith("TM (published, other protocol) &"))
     assert r"\textbf" not in pub_line  # published numbers never compete for bold
     # flickr8k has no published numbers: nothing is added
-    assert "published" not in to_markdown(table_of(_flickr8k(tmp_path / "f8"), include_published=True))
+    assert "published" not in to_markdown(load_runs(_flickr8k(tmp_path / "f8")), include_published=True)
 
 
 def _flickr8k(o: Path) -> Path:
@@ -279,18 +289,19 @@ def _flickr8k(o: Path) -> Path:
     return o
 
 
-def test_build_table_rejects_mixed_protocols(tmp_path):
+def test_tables_reject_mixed_protocols(tmp_path):
     write_cell(tmp_path, "random", 100, 0, protocol_id="aaa")
     write_cell(tmp_path, "random", 100, 0, protocol_id="bbb")
-    with pytest.raises(ValueError):
-        build_table(aggregate(load_cells(tmp_path)))
+    for render in (to_markdown, to_latex):
+        with pytest.raises(ValueError):
+            render(load_runs(tmp_path))
 
 
 # ---------------------------------------------------------------------------- plots and write_report
 
 
 def test_save_figure_writes_png_and_pdf(out, tmp_path):
-    paths = save_figure(aggregate(load_cells(out)), tmp_path / "fig" / "x")
+    paths = save_figure(load_runs(out), tmp_path / "fig" / "x")
     assert [p.name for p in paths] == ["x.png", "x.pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths[1].read_bytes()[:5] == b"%PDF-"
@@ -306,7 +317,7 @@ def test_write_report_two_protocols(out, tmp_path):
     for pid in (PID, "111111111111"):
         for ext in ("md", "tex", "csv", "png", "pdf"):
             assert f"flickr8k_{pid}.{ext}" in names
-    assert "README.md" in names and len(paths) == 11
+    assert "README.md" in names and "runs.csv" in names and len(paths) == 12
     assert all(p.parent == report and p.stat().st_size > 0 for p in paths)
     readme = (report / "README.md").read_text()
     assert f"(flickr8k_{PID}.md)" in readme and "(flickr8k_111111111111.png)" in readme
