@@ -44,6 +44,7 @@ BASELINE_VERSION = 1
 
 # Distillation at regression size: fewer iterations and unrolled steps (everything else as default).
 _TM_SMALL = {"iterations": "120", "syn_steps": "10", "n_experts": "3"}
+_LORS_SMALL = {"iterations": "240", "n_experts": "3"}  # its own 8 unrolled steps of 20 pairs: cheaper per iteration
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class RegressConfig:
     test_split: str = "val"
     data_root: Optional[str] = None
     methods: str = "all"
-    options: dict = field(default_factory=lambda: {m: dict(_TM_SMALL) for m in ("tm", "tm_image", "tm_text", "tm_lora")})
+    options: dict = field(default_factory=lambda: {**{m: dict(_TM_SMALL) for m in ("tm", "tm_image", "tm_text", "tm_lora")},
+                                                   **{m: dict(_LORS_SMALL) for m in ("lors", "repblend")}})
 
     def describe(self) -> dict:
         d = dataclasses.asdict(self)

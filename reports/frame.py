@@ -146,12 +146,16 @@ def runs_frame(cells: list[dict]) -> pd.DataFrame:
             continue
         key = (cell["protocol_id"], cell["method"], budget)
         configs.setdefault(key, set()).add(json.dumps(cell.get("method_config") or {}, sort_keys=True))
-        for run in cell["metrics_per_seed"]:
-            mean = run.get("mean")
-            if not _is_number(mean):
-                mean = sum(run[m] for m in RECALL_METRICS) / len(RECALL_METRICS)
-            records.append(base | {m: float(run[m]) for m in RECALL_METRICS}
-                           | {"mean": float(mean), "eval_seed": _whole(run.get("seed")), "status": "ok"})
+        # a set with its own treatment (learned targets) is also scored plainly: a row "<method> (plain)"
+        plain = (cell.get("plain") or {}).get("metrics_per_seed") if isinstance(cell.get("plain"), dict) else None
+        for label, per_seed in ((cell["method"], cell["metrics_per_seed"]), (f"{cell['method']} (plain)", plain)):
+            for run in per_seed or []:
+                mean = run.get("mean")
+                if not _is_number(mean):
+                    mean = sum(run[m] for m in RECALL_METRICS) / len(RECALL_METRICS)
+                records.append(base | {m: float(run[m]) for m in RECALL_METRICS}
+                               | {"method": label, "mean": float(mean), "eval_seed": _whole(run.get("seed")),
+                                  "status": "ok"})
     for (pid, method, budget), found in configs.items():
         if len(found) > 1:
             warnings.warn(f"protocol {pid}: pooling {method} at budget {budget} over "

@@ -164,6 +164,14 @@ def test_a_set_with_targets_is_scored_natively_and_plainly(tmp_path, cache, caps
     # eval seeds 0 and 1 here, as in the cell: the same numbers
     assert summary["metrics_mean"] == pytest.approx(rec["metrics_mean"])
     assert summary["plain"]["metrics_mean"] == pytest.approx(rec["plain"]["metrics_mean"])
+    # the report shows the native row with the plain one beside it
+    assert main(["report", "--out", str(out)]) == 0
+    md = next(p for p in (out / "report").glob("*.md") if p.name != "README.md").read_text()
+    native_row = next(line for line in md.splitlines() if line.startswith("| test_soft_targets |"))
+    plain_row = next(line for line in md.splitlines() if line.startswith("| test_soft_targets (plain) |"))
+    assert native_row != plain_row.replace(" (plain)", "")
+    runs = (out / "report" / "runs.csv").read_text()
+    assert runs.count("test_soft_targets (plain)") == 2 and runs.count("test_soft_targets,") == 2
 
 
 def test_targets_that_do_not_fit_the_set_are_refused(tmp_path, tiny_protocol):
