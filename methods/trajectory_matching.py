@@ -232,11 +232,21 @@ def _rss_mb() -> float:
 def matching_loss(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor,
                   groups: "list[torch.Tensor] | None" = None) -> torch.Tensor:
     """``||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²``: 1 when the student did not move, 0 when it
-    lands on the expert; invariant to a common rescaling of the parameters. With ``groups`` (boolean
-    masks over θ, e.g. one per head: RepBlend) the sum of each group's own normalised distance."""
+    lands on the expert; invariant to a common rescaling of the parameters. With ``groups`` (slices or
+    boolean masks of θ, e.g. one per head: RepBlend) the sum of each group's own normalised distance."""
     if groups is None:
         return ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
     return sum(((theta[m] - target[m]) ** 2).sum() / ((start[m] - target[m]) ** 2).sum() for m in groups)
+
+
+def head_groups(is_text: torch.Tensor) -> list:
+    """The image and text sides of the flat parameter vector, as slices when each side is one run
+    (the student's layout: tower and image head, then text head; indexing by slice is cheaper to
+    differentiate than by mask), else as masks."""
+    k = int((~is_text).sum())
+    if bool((~is_text[:k]).all()) and bool(is_text[k:].all()):
+        return [slice(0, k), slice(k, None)]
+    return [~is_text, is_text]
 
 
 def blend_pairs(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +378,7 @@ class TrajectoryMatching:
         lr_txt = torch.tensor(c.lr_init, requires_grad=True, device=dev) if c.tower_lrs else None
         is_text = torch.cat([torch.full((int(torch.Size(shape).numel()),), n.startswith("text_head."), dtype=torch.bool)
                              for n, shape in spec]).to(dev)
-        groups = [~is_text, is_text] if c.match == "per_head" else None
+        groups = head_groups(is_text) if c.match == "per_head" else None
         sim = None
         if c.targets_rank > 0:  # S = I at the start: a = 1, L ~ N(0, 1), R = 0 (LoRS's initialisation)
             g = torch.Generator().manual_seed(seed)

@@ -144,3 +144,13 @@ def test_tiny_variants_run_and_are_scored_natively_and_plainly(tmp_path, cache):
         again = torch.load(r["artifact"], weights_only=True)
         assert torch.equal(again["image"], first[m]["image"]) and torch.equal(again["extras"]["sim_left"],
                                                                             first[m]["extras"]["sim_left"])
+
+
+def test_head_groups_are_slices_of_the_students_layout():
+    from methods.trajectory_matching import head_groups
+    m = torch.tensor([False, False, False, True, True])
+    assert head_groups(m) == [slice(0, 3), slice(3, None)]
+    odd = torch.tensor([False, True, False])
+    assert [g.tolist() for g in head_groups(odd)] == [[True, False, True], [False, True, False]]
+    theta, start, target = torch.randn(5), torch.zeros(5), torch.randn(5)
+    assert torch.allclose(matching_loss(theta, start, target, head_groups(m)), matching_loss(theta, start, target, [~m, m]))
