@@ -118,7 +118,7 @@ def test_the_papers_defaults_per_budget():
     assert (c.syn_steps, c.expert_epochs, c.iterations, c.tower_lrs, c.whole_below) == (8, 1, 3000, True, 0)
     assert LoRSConfig().targets_rank == AUTO
     r = RepBlendConfig().resolved(500)
-    assert r.batch_syn == 20 and r.blend and r.match == "per_head" and r.targets_rank == 20
+    assert r.batch_syn == 20 and r.blend and r.match == "joint" and r.targets_rank == 20
     assert {"lors", "repblend"} <= set(METHODS.select("distill"))
     assert LoRSConfig().experts() == RepBlendConfig().experts()  # the same buffers as tm's defaults
     from methods.trajectory_matching import TMConfig

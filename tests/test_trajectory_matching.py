@@ -190,7 +190,7 @@ def _scripted_checks(protocol, scores):
     checked sets are recorded."""
     seen = []
 
-    def evaluate(pairs, seeds, split=None):
+    def evaluate(pairs, seeds, split=None, recipe=None):
         seen.append((pairs.image.clone(), pairs.text.clone()))
         return [{"mean": scores[len(seen) - 1]}]
     scripted = copy.copy(protocol)
