@@ -110,7 +110,7 @@ def image_digest(paths: list[str], root, cache_dir=None) -> str:
     does, so a warm run only stats the files; a rewritten file is hashed again, and the identity
     follows its content, not its timestamps (a copy of the data on another machine has the same
     identity). A missing file is one clear error here, before any work, cache or no cache."""
-    root = Path(root).resolve()
+    root = Path(os.path.abspath(root))  # not resolved: through a symlinked root the names stay root-relative
     memo_path = None if cache_dir is None else (
         Path(cache_dir) / "image-hashes" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json")
     memo = {}

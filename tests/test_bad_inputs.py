@@ -244,6 +244,15 @@ def test_a_changed_image_changes_the_identity_and_a_copy_keeps_it(tmp_path):
     assert load_dataset("folder", copy, "val", cache_dir=tmp_path / "other-cache").identity == changed
 
 
+def test_the_identity_is_the_same_through_a_symlinked_root(tmp_path):
+    root = folder_dataset(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "data"
+    link.symlink_to(root)
+    assert (load_dataset("folder", link, "val", cache_dir=tmp_path / "c1").identity
+            == load_dataset("folder", root, "val", cache_dir=tmp_path / "c2").identity)
+
+
 def test_a_missing_image_is_an_error_before_any_work_even_with_a_warm_cache(tmp_path, capsys):
     root = folder_dataset(tmp_path / "data", n=12)
     out, cache = tmp_path / "runs", tmp_path / "cache"
