@@ -264,7 +264,7 @@ def cmd_list(args) -> int:
         e = reg.entry(name)
         print(f"{name:16s} {','.join(e.groups):10s} {e.help}")
     if args.what == "encoders":
-        print("timm:<model>[@ckpt] image; hf:<name-or-path> text; open_clip:<arch>[:<pretrained>] either (need their weights)")
+        print("timm:<model>[@ckpt] image; hf:<name-or-path>[@mean|@cls] text; open_clip:<arch>[:<pretrained>] either (need their weights)")
     return 0
 
 

