@@ -43,9 +43,9 @@ def _registries() -> dict[str, object]:
 
 
 def _sha256(path: Optional[str]) -> Optional[str]:
-    if not path or not os.path.isfile(path):
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    from datasets.base import file_hash
+
+    return file_hash(path) if path and os.path.isfile(path) else None
 
 
 def _is_file(spec: str) -> bool:

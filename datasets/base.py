@@ -132,21 +132,20 @@ def image_digest(paths: list[str], root, cache_dir=None) -> str:
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BenchError(f"image file not found: {missing[0]}{more} (under {root})")
-    digests, changed = [], False
-    todo = [s for s in stats if memo.get(s[0], [None, None])[:2] != [s[1], s[2]]]
+    def fresh(p, size, mtime) -> bool:  # a memo entry for this file as it is now: [size, mtime, sha256]
+        entry = memo.get(p)
+        return isinstance(entry, list) and len(entry) == 3 and entry[:2] == [size, mtime]
+
+    todo = [s for s in stats if not fresh(*s)]
     with progress(total=len(todo), desc="hashing images", unit="img") as bar:
-        for p, size, mtime in stats:
-            entry = memo.get(p)
-            if not (isinstance(entry, list) and entry[:2] == [size, mtime] and len(entry) == 3):
-                try:
-                    entry = [size, mtime, file_hash(p)]
-                except OSError as e:
-                    raise BenchError(f"cannot read image file {p}: {e.strerror}") from None
-                memo[p], changed = entry, True
-                bar.update(1)
-            rel = os.path.relpath(p, root)
-            digests.append((rel, entry[2]))
-    if changed and memo_path is not None:
+        for p, size, mtime in todo:
+            try:
+                memo[p] = [size, mtime, file_hash(p)]
+            except OSError as e:
+                raise BenchError(f"cannot read image file {p}: {e.strerror}") from None
+            bar.update(1)
+    digests = [(os.path.relpath(p, root), memo[p][2]) for p, _, _ in stats]
+    if todo and memo_path is not None:
         try:
             memo_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
