@@ -45,6 +45,8 @@ BASELINE_VERSION = 1
 # Distillation at regression size: fewer iterations and unrolled steps (everything else as default).
 _TM_SMALL = {"iterations": "120", "syn_steps": "10", "n_experts": "3"}
 _LORS_SMALL = {"iterations": "240", "n_experts": "3"}  # its own 8 unrolled steps of 20 pairs: cheaper per iteration
+_MDM_SMALL = {"iterations": "600", "n_experts": "3"}  # no unroll: a teacher forward per iteration
+_COVMATCH_SMALL = {"iterations": "2000"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class RegressConfig:
     data_root: Optional[str] = None
     methods: str = "all"
     options: dict = field(default_factory=lambda: {**{m: dict(_TM_SMALL) for m in ("tm", "tm_image", "tm_text", "tm_lora")},
-                                                   **{m: dict(_LORS_SMALL) for m in ("lors", "repblend")}})
+                                                   **{m: dict(_LORS_SMALL) for m in ("lors", "repblend")},
+                                                   "mdm": dict(_MDM_SMALL), "covmatch": dict(_COVMATCH_SMALL)})
 
     def describe(self) -> dict:
         d = dataclasses.asdict(self)

@@ -9,4 +9,4 @@ May import: ``bench.protocol`` (the student, the recipe), ``datasets`` and the l
 ``bench.runner``, ...).
 """
 from methods.base import METHODS, Artifact, MethodContext, register_method  # noqa: F401
-from methods import crash, forgetting, full, herding, kcenter, lors, random_subset, trajectory_matching  # noqa: F401
+from methods import covmatch, crash, forgetting, full, herding, kcenter, lors, mdm, random_subset, trajectory_matching  # noqa: F401
