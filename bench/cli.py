@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-seeds", type=_positive, default=1, help="eval seeds per selection seed (default 1)")
     r.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
     r.add_argument("--force", action="store_true", help="redo finished cells")
+    r.add_argument("--transfer", default="auto", metavar="auto|none|student.FIELD=VALUE[,...]",
+                   help="the second student every set is also scored with (default auto: the other head, mlp "
+                        "for the protocol's linear); none: no transfer score")
+    r.add_argument("--no-fairness", action="store_true",
+                   help="do not add the cells the fairness views compare against (random at every budget, "
+                        "random under each set's treatment, random and herding at each set's bytes)")
     r.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="local: cells one after another here (default); ray: each cell a Ray task (requirements-ray.txt)")
     r.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -168,6 +174,25 @@ def _apply_sets(args) -> tuple[object, object, dict]:
     return StudentConfig(cut=args.cut, **student), Recipe(**recipe), methods
 
 
+def _transfer(text: str):
+    """``--transfer``: "auto", None ("none"), or a dict of student fields (``student.head=mlp,...``)."""
+    from bench.protocol.student import StudentConfig
+    from methods.base import parse_value
+
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    fields = {f.name: f for f in dataclasses.fields(StudentConfig)}
+    out = {}
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        name = key[len("student."):] if key.startswith("student.") else key
+        if not eq or name not in fields or name == "cut":
+            raise BenchError(f"--transfer expects auto, none or student.FIELD=VALUE (fields: "
+                             f"{', '.join(f for f in fields if f != 'cut')}), got {item!r}")
+        out[name] = parse_value(value, fields[name].type, f"--transfer {key}")
+    return out  # values are checked against the protocol's student when the run starts
+
+
 def _protocol_config(args):
     from bench.protocol import ProtocolConfig
 
@@ -225,6 +250,7 @@ def cmd_run(args) -> int:
     run = RunConfig(protocol=pcfg, methods=args.methods, budgets=args.ipc, seeds=args.seeds, eval_seeds=args.eval_seeds,
                     out=args.out, force=args.force, device=args.device, cache_dir=args.cache_dir,
                     method_options=method_opts, argv=sys.argv, shard=args.shard, plugins=args.plugin_paths,
+                    transfer=_transfer(args.transfer), fairness=not args.no_fairness,
                     executor=ExecutorConfig(kind=args.executor, address=args.ray_address, cpus_per_task=args.ray_cpus))
     _, recs = execute(run)
     failed = [r for r in recs if r.get("status") != "ok"]

@@ -101,7 +101,8 @@ def run_grid(cfg: RegressConfig, out: Path, cache_dir: Optional[Path] = None, lo
 
     pcfg = ProtocolConfig(dataset=cfg.dataset, data_root=cfg.data_root, test_split=cfg.test_split, limit=cfg.limit)
     run = RunConfig(protocol=pcfg, methods=cfg.methods, budgets=cfg.budgets, seeds=cfg.seeds, out=Path(out),
-                    force=True, cache_dir=cache_dir, method_options=cfg.options, argv=["bench", "regress", cfg.name])
+                    force=True, cache_dir=cache_dir, method_options=cfg.options, argv=["bench", "regress", cfg.name],
+                    transfer=None, fairness=False)  # the fairness views' extra cells would double the grid's time
     protocol, recs = execute(run, log)
     return summarise(protocol.id, recs)
 
@@ -126,7 +127,7 @@ def load_cells(out: Path, protocol_id: str, cfg: RegressConfig) -> list[dict]:
     grid = read_grid(Path(out) / "grids" / f"{protocol_id}.json")
     if not grid:
         raise BenchError(f"no regression grid under {out} for protocol {protocol_id}")
-    return [read_cell(cell_path(out, protocol_id, c["method"], c["budget"], c["selection_seed"]))
+    return [read_cell(cell_path(out, protocol_id, c["method"], c["budget"], c["selection_seed"], c.get("variant", "")))
             or {"method": c["method"], "budget": c["budget"], "selection_seed": c["selection_seed"], "status": "missing",
                 "error": "missing"} for c in grid["cells"]]
 

@@ -2,9 +2,13 @@
 
 Layout under ``--out`` (default ``runs/``)::
 
-    cells/<protocol_id>/<method>/<budget>_s<seed>.json   one cell (ok or failed)
-    artifacts/<protocol_id>/<method>/<budget>_s<seed>.pt the method's set (+ .json sidecar)
-    grids/<protocol_id>.json                             the last planned grid, for `status`
+    cells/<protocol_id>/<method><variant>/<budget>_s<seed>.json   one cell (ok or failed)
+    artifacts/<protocol_id>/<method><variant>/<budget>_s<seed>.pt the method's set (+ .json sidecar)
+    grids/<protocol_id>.json                                      the last planned grid, for `status`
+
+``<variant>`` keeps cells that differ in more than (method, budget, seed) apart: empty for a method
+at its default config, ``~<hash>`` of the config otherwise (``--set tm.lr_data=1000`` beside the
+default), ``@<method><its variant>`` for random pairs scored under another set's treatment.
 
 A cell file records its ``key`` (a hash of everything that decides it: protocol id, method and its
 config, budget, selection seed, eval seeds, schema version). A rerun skips a cell whose file has
@@ -27,8 +31,9 @@ from datasets.base import identity_hash
 
 
 def cell_key(protocol_id: str, method: str, method_config: dict, budget: Optional[int], selection_seed: int,
-             eval_seeds: list[int], plugin: Optional[str] = None) -> str:
-    extra = () if plugin is None else (plugin,)  # built-in methods' keys stay as they are
+             eval_seeds: list[int], plugin: Optional[str] = None, treatment: Optional[dict] = None) -> str:
+    # built-in methods' keys, and keys of cells without a treatment, stay as they are
+    extra = (() if plugin is None else (plugin,)) + (() if treatment is None else ({"treatment": treatment},))
     return identity_hash(SCHEMA_VERSION, protocol_id, method, method_config, budget, selection_seed, eval_seeds, *extra)
 
 
@@ -36,12 +41,12 @@ def _stem(budget: Optional[int], seed: int) -> str:
     return f"{'full' if budget is None else budget}_s{seed}"
 
 
-def cell_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int) -> Path:
-    return Path(out) / "cells" / protocol_id / method / f"{_stem(budget, seed)}.json"
+def cell_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int, variant: str = "") -> Path:
+    return Path(out) / "cells" / protocol_id / f"{method}{variant}" / f"{_stem(budget, seed)}.json"
 
 
-def artifact_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int) -> Path:
-    return Path(out) / "artifacts" / protocol_id / method / f"{_stem(budget, seed)}.pt"
+def artifact_path(out: Path, protocol_id: str, method: str, budget: Optional[int], seed: int, variant: str = "") -> Path:
+    return Path(out) / "artifacts" / protocol_id / f"{method}{variant}" / f"{_stem(budget, seed)}.pt"
 
 
 def writable_dir(path: Path, what: str) -> Path:
@@ -141,7 +146,7 @@ def status_lines(out: Path) -> tuple[list[str], int]:
         counts: Counter = Counter()
         detail = []
         for c in grid["cells"]:
-            rec = read_cell(cell_path(out, pid, c["method"], c["budget"], c["selection_seed"]))
+            rec = read_cell(cell_path(out, pid, c["method"], c["budget"], c["selection_seed"], c.get("variant", "")))
             if rec is None:
                 state = "missing"
             elif rec.get("key") != c["key"]:
@@ -152,7 +157,7 @@ def status_lines(out: Path) -> tuple[list[str], int]:
             if state != "done":
                 b = "full" if c["budget"] is None else c["budget"]
                 err = f": {rec.get('error', '')}" if state == "failed" else ""
-                detail.append(f"  {state:7s} {c['method']} @ {b} seed {c['selection_seed']}{err}")
+                detail.append(f"  {state:7s} {c['method']}{c.get('variant', '')} @ {b} seed {c['selection_seed']}{err}")
         any_failed |= counts["failed"] > 0
         lines.append(f"protocol {pid} ({p.get('dataset')}, test split {p.get('test_split')}): "
                      f"{counts['done']} done, {counts['missing'] + counts['stale']} missing, {counts['failed']} failed "

@@ -17,6 +17,16 @@ eval seeds ``s + N*j`` for j < ``eval_seeds`` (default 1). So the std over a met
 selection variance as well as training variance. The full-data references (``full`` under the
 protocol's recipe, ``full_tuned`` under its own, ``methods/full.py``) have no selection: one cell each,
 scored under eval seeds 0..N-1.
+
+Every evaluation also records the test score every ``CURVE_EVERY`` epochs (the best-of-test
+diagnostic; nothing selects by it), and every set is scored a second time with a transfer student
+(``RunConfig.transfer``; by default the other head: ``mlp`` for the protocol's ``linear``). With
+``fairness`` (default) the grid gets the cells the fairness views compare against (docs/fairness.md):
+``random`` at every budget of a distillation method; once a set with a treatment of its own (learned
+step sizes, a loss) is done, ``random`` pairs of the same seed under that treatment (identity
+targets); and, for a set with learned extras, ``random`` and ``herding`` with as many pairs as its
+bytes buy. A finished cell that lacks the curve or the transfer score asked for gets them from its
+stored artifact, without rebuilding the set.
 """
 from __future__ import annotations
 
@@ -38,11 +48,15 @@ from bench.executors import ExecutorConfig, Work, make_executor
 from bench.manifest import manifest
 from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
+from bench.protocol.student import StudentConfig
 from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_cell, writable_dir
+from datasets.base import identity_hash
 from methods import METHODS, MethodContext
-from methods.base import Artifact, config_key, method_config, prepare
+from methods.base import Artifact, config_key, method_config, pair_bytes, prepare
 
 REFERENCES = ("full", "full_tuned")  # reference rows every grid has (methods/full.py)
+CURVE_EVERY = 5  # epochs between the test scores recorded for the best-of-test diagnostic
+VIEW_GROUPS = ("distill", "test")  # methods whose sets the fairness views compare (test: their tiny CI variants)
 
 
 @dataclass
@@ -61,6 +75,9 @@ class RunConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     shard: Optional[tuple[int, int]] = None  # (i, n): only the cells at plan positions k with k % n == i
     plugins: tuple[str, ...] = ()  # plugin files (absolute) and modules, loaded again by every worker
+    # student fields of the transfer score: "auto" (the other head), a dict, or None (no transfer score)
+    transfer: object = "auto"
+    fairness: bool = True  # plan the cells the fairness views compare against (random, treated random, bytes)
 
 
 @dataclass
@@ -70,10 +87,39 @@ class Cell:
     selection_seed: int
     eval_seeds: list[int]
     config: object  # the method's Config instance
+    # random pairs under another set's treatment: {"of", "variant", "source_key", "lr", "lr_text", "recipe"}
+    treatment: Optional[dict] = None
+    view: Optional[str] = None  # "treated" or "bytes": planned for a fairness view, not a row of the main tables
+
+    @property
+    def variant(self) -> str:
+        if self.treatment:
+            return f"@{self.treatment['of']}{self.treatment['variant']}"
+        return config_variant(self.config)
 
     @property
     def label(self) -> str:
-        return f"{self.method} @ {'full' if self.budget is None else self.budget} (seed {self.selection_seed})"
+        return (f"{self.method}{self.variant} @ {'full' if self.budget is None else self.budget} "
+                f"(seed {self.selection_seed})")
+
+
+def _default_config(cfg) -> Optional[dict]:
+    try:
+        return config_key(type(cfg)())
+    except TypeError:  # a config without defaults: every value is a choice
+        return None
+
+
+def config_variant(cfg) -> str:
+    """``""`` for a method's default config, else ``~`` and a short hash of it (its results folder)."""
+    key = config_key(cfg)
+    return "" if key == _default_config(cfg) else "~" + identity_hash(key)[:8]
+
+
+def config_label(cfg) -> str:
+    """The fields that differ from the method's defaults, ``name=value`` (tables label rows with it)."""
+    key, default = config_key(cfg), _default_config(cfg) or {}
+    return ",".join(f"{k}={v}" for k, v in key.items() if k not in default or default[k] != v)
 
 
 def check_run(run: RunConfig) -> list[str]:
@@ -97,6 +143,8 @@ def plan(run: RunConfig, n_train_images: int) -> list[Cell]:
             raise BenchError(f"budget {b} is larger than the train split ({n_train_images} images; each pair needs its own image)")
     n = run.seeds
     cells = [Cell(ref, None, 0, list(range(n * run.eval_seeds)), _config(ref, run)) for ref in REFERENCES]
+    if run.fairness and "random" not in names and any(METHODS.get(m).group in VIEW_GROUPS for m in names):
+        names = names + ["random"]  # the gain-over-random view compares every distilled set with random pairs
     for name in names:
         if name in REFERENCES:
             continue
@@ -123,7 +171,8 @@ def key_of(cell: Cell, protocol_id: str) -> str:
     """The cell's key; a plugin method's also holds its file's sha256 (an edited plugin redoes its cells)."""
     plugin = origin("method", cell.method)
     return cell_key(protocol_id, cell.method, config_key(cell.config), cell.budget, cell.selection_seed,
-                    cell.eval_seeds, plugin=None if plugin is None else plugin["sha256"] or plugin["module"])
+                    cell.eval_seeds, plugin=None if plugin is None else plugin["sha256"] or plugin["module"],
+                    treatment=cell.treatment)
 
 
 def error_message(e: BaseException) -> str:
@@ -135,8 +184,10 @@ def _record(cell: Cell, protocol: Protocol, run: RunConfig) -> dict:
             "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
             "method_group": METHODS.get(cell.method).group, "method_config": dataclasses.asdict(cell.config),
             "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
+            "variant": cell.variant, "variant_label": config_label(cell.config), "pair_bytes": pair_bytes(protocol),
             "manifest": manifest(run.device, run.argv)} | (
-                {"plugin": origin("method", cell.method)} if origin("method", cell.method) else {})
+                {"plugin": origin("method", cell.method)} if origin("method", cell.method) else {}) | (
+                {"treatment": cell.treatment} if cell.treatment else {}) | ({"view": cell.view} if cell.view else {})
 
 
 def failed_result(cell: Cell, protocol: Protocol, run: RunConfig, error: str, tb: str, seconds: float) -> CellResult:
@@ -158,14 +209,17 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
         ctx = MethodContext(protocol, run.cache_dir, run.device, log)
         built = cls(cell.config).build(ctx, cell.budget, cell.selection_seed)
         built.validate(protocol, cell.budget)
+        if cell.treatment:  # another set's step sizes (and loss, below) on these pairs; identity targets
+            built.lr, built.lr_text = cell.treatment["lr"], cell.treatment["lr_text"]
         t1 = time.time()
-        apath = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
+        apath = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
         if built.kind != "full":
             art = built
             meta = ({k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
                     | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": built.storage_bytes(protocol)})
         native = built.native_recipe()
-        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=built.recipe or native)
+        recipe = built.recipe or native or (cell.treatment or {}).get("recipe")
+        per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=recipe, curve_every=CURVE_EVERY)
         metrics = _metrics(per_seed)
         rec.update(status="ok", n_pairs=len(built) if built.kind != "full" else len(protocol.train.text),
                    storage_bytes=built.storage_bytes(protocol), learned_lr=built.lr, metrics_per_seed=per_seed,
@@ -176,10 +230,12 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
                    timings={"build_s": round(t1 - t0, 2), "eval_s": round(time.time() - t1, 2)})
         if native is not None:  # a set with its own treatment is also scored as every other set is
             log(f"  plain scoring of {cell.label} (InfoNCE, identity targets)")
-            plain = protocol.evaluate(built.pairs(protocol, plain=True), cell.eval_seeds, log)
-            rec.update(native=native, plain={"metrics_per_seed": plain,
-                                             "metrics_mean": {k: float(np.mean(v)) for k, v in _metrics(plain).items()}})
-            rec["timings"]["eval_s"] = round(time.time() - t1, 2)
+            plain = protocol.evaluate(built.pairs(protocol, plain=True), cell.eval_seeds, log, curve_every=CURVE_EVERY)
+            rec.update(native=native, plain=_scores(plain))
+        if built.kind != "full":
+            rec.update(_transfer_scores(built, protocol, run, cell.eval_seeds, recipe, log))
+        rec["curve_every"] = CURVE_EVERY
+        rec["timings"]["eval_s"] = round(time.time() - t1, 2)
         m = rec["metrics_mean"]
         log(f"done  {cell.label}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f} ({time.time() - t0:.1f} s)")
     except KeyboardInterrupt:
@@ -192,7 +248,32 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
 
 
 def _metrics(per_seed: list[dict]) -> dict[str, list[float]]:
-    return {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s")}
+    return {k: [m[k] for m in per_seed] for k in per_seed[0] if k not in ("seed", "lr", "train_s", "curve")}
+
+
+def _scores(per_seed: list[dict]) -> dict:
+    return {"metrics_per_seed": per_seed, "metrics_mean": {k: float(np.mean(v)) for k, v in _metrics(per_seed).items()}}
+
+
+def transfer_student(protocol: Protocol, transfer) -> Optional[StudentConfig]:
+    """The student config of the transfer score: ``"auto"`` (the protocol's student with the other
+    head), a dict of student fields, or None (no transfer score)."""
+    if transfer is None:
+        return None
+    own = protocol.cfg.student
+    fields = ({"head": "mlp" if own.head == "linear" else "linear"} if transfer == "auto" else dict(transfer))
+    return dataclasses.replace(own, **fields)
+
+
+def _transfer_scores(built: Artifact, protocol: Protocol, run: RunConfig, seeds: list[int], recipe: Optional[dict],
+                     log: Callable) -> dict:
+    """``{"transfer": ...}``: the set scored, under the same treatment, by a student it was not built for."""
+    st = transfer_student(protocol, run.transfer)
+    if st is None:
+        return {}
+    log(f"  transfer scoring (student {st.head} heads)")
+    per_seed = protocol.evaluate(built.pairs(protocol), seeds, log, recipe=recipe, student=st)
+    return {"transfer": {"student": st.identity(), **_scores(per_seed)}}
 
 
 def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
@@ -200,7 +281,7 @@ def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
     files cannot be written (a folder made read-only, a full disk) is returned as failed, with the
     reason, and the grid goes on; nothing it leaves behind counts as done."""
     r = result.record
-    where = (r["protocol_id"], r["method"], r["budget"], r["selection_seed"])
+    where = (r["protocol_id"], r["method"], r["budget"], r["selection_seed"], r.get("variant", ""))
     try:
         if result.artifact is not None:
             result.artifact.save(artifact_path(out, *where), result.artifact_meta)
@@ -214,10 +295,10 @@ def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
 
 def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
     """One cell in this process: skip it when done (unless ``force``), else compute and store it."""
-    path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed)
+    path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
     if not run.force and is_done(path, key_of(cell, protocol.id)):
         log(f"skip  {cell.label}: done")
-        return read_cell(path)
+        return augment_cell(read_cell(path), cell, protocol, run, log)
     return store_cell(compute_cell(cell, protocol, run, log), run.out, log)
 
 
@@ -259,8 +340,9 @@ def prepare_methods(cells: list[Cell], protocol: Protocol, run: RunConfig, log: 
 
 def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]]:
     """Plan the grid, record it, and run this shard's cells that are not done with the configured
-    executor; the driver (this process) stores every result as it arrives. Returns the protocol and
-    the records of this shard's cells, in plan order."""
+    executor; the driver (this process) stores every result as it arrives. Then, with ``fairness``,
+    the cells that depend on finished ones (``view_cells``) the same way. Returns the protocol and
+    the records of this shard's cells, in plan order (the views' cells last)."""
     check_run(run)  # before any data is touched
     if run.shard is not None:
         shard_cells([], run.shard)  # validates I/N
@@ -271,43 +353,159 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
     with make_executor(run.executor, log) as executor:  # fails early (one line) when Ray is missing or unreachable
         protocol = build_protocol(run.protocol, run.cache_dir, run.device, log)
         cells = plan(run, protocol.train.n_images)
+        transfer_student(protocol, run.transfer)  # a bad transfer field fails here, before any cell
         mine = shard_cells(cells, run.shard)
-        try:
-            atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
-                              {"protocol_id": protocol.id, "protocol": protocol.describe(),
-                               "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
-                                          "key": key_of(c, protocol.id)} for c in cells]})
-        except OSError as e:
-            raise BenchError(f"cannot write the grid file under {run.out}/grids: {e.strerror or e}") from None
+        _write_grid(run, protocol, cells)
         part = f" (shard {run.shard[0]}/{run.shard[1]}: {len(mine)} of them)" if run.shard else ""
         log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), "
             f"{len(cells)} cells{part} -> {run.out}")
-        recs: dict[int, dict] = {}
-        todo = []
-        for k, c in enumerate(mine):
-            path = cell_path(run.out, protocol.id, c.method, c.budget, c.selection_seed)
-            if not run.force and is_done(path, key_of(c, protocol.id)):
-                log(f"skip  {c.label}: done")
-                recs[k] = read_cell(path)
-            else:
-                todo.append((k, c))
-        failures = prepare_methods([c for _, c in todo], protocol, run, log)
-        index = {id(c): k for k, c in todo}
-        runnable = []
-        for k, c in todo:
-            if _prepare_group(c) in failures:
-                recs[k] = store_cell(failed_result(c, protocol, run, *failures[_prepare_group(c)], 0.0), run.out, log)
-            else:
-                runnable.append(c)
+        recs = _run_cells(mine, protocol, run, executor, log)
+        if run.fairness:
+            extra = view_cells(mine, recs, protocol, run)
+            if extra:
+                log(f"fairness views: {len(extra)} more cells (random under the sets' own treatment, "
+                    f"random and herding at the sets' bytes)")
+                _write_grid(run, protocol, cells + extra)
+                recs += _run_cells(extra, protocol, run, executor, log)
+    return protocol, recs
 
-        def store(cell: Cell, result: CellResult) -> None:
-            art = result.artifact
-            if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
-                art.indices = np.array(art.indices)
-            recs[index[id(cell)]] = store_cell(result, run.out, log)
 
-        executor.run(runnable, grid_work(protocol, run, store, log))
-    return protocol, [recs[k] for k in range(len(mine))]
+def _write_grid(run: RunConfig, protocol: Protocol, cells: list[Cell]) -> None:
+    try:
+        atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
+                          {"protocol_id": protocol.id, "protocol": protocol.describe(),
+                           "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
+                                      "variant": c.variant, "key": key_of(c, protocol.id)} for c in cells]})
+    except OSError as e:
+        raise BenchError(f"cannot write the grid file under {run.out}/grids: {e.strerror or e}") from None
+
+
+def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, log: Callable) -> list[dict]:
+    """Skip (and augment) the done cells, prepare the methods of the others, and run them."""
+    recs: dict[int, dict] = {}
+    todo = []
+    for k, c in enumerate(mine):
+        path = cell_path(run.out, protocol.id, c.method, c.budget, c.selection_seed, c.variant)
+        if not run.force and is_done(path, key_of(c, protocol.id)):
+            log(f"skip  {c.label}: done")
+            recs[k] = augment_cell(read_cell(path), c, protocol, run, log)
+        else:
+            todo.append((k, c))
+    failures = prepare_methods([c for _, c in todo], protocol, run, log)
+    index = {id(c): k for k, c in todo}
+    runnable = []
+    for k, c in todo:
+        if _prepare_group(c) in failures:
+            recs[k] = store_cell(failed_result(c, protocol, run, *failures[_prepare_group(c)], 0.0), run.out, log)
+        else:
+            runnable.append(c)
+
+    def store(cell: Cell, result: CellResult) -> None:
+        art = result.artifact
+        if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
+            art.indices = np.array(art.indices)
+        recs[index[id(cell)]] = store_cell(result, run.out, log)
+
+    executor.run(runnable, grid_work(protocol, run, store, log))
+    return [recs[k] for k in range(len(mine))]
+
+
+def treatment_of(rec: dict, lr_policy: str) -> Optional[dict]:
+    """What a finished set is trained with beyond the protocol's defaults, as a treated random cell
+    takes it: learned step sizes (when the recipe uses them) and its native recipe fields (its loss);
+    None for a set that has neither (it is compared with plain random pairs)."""
+    learned = lr_policy == "learned"
+    lr = rec.get("learned_lr") if learned else None
+    lr_text = (rec.get("info") or {}).get("learned_lr_text") if learned else None
+    recipe = rec.get("native") or None
+    if lr is None and lr_text is None and recipe is None:
+        return None
+    return {"of": rec["method"], "variant": rec.get("variant", ""), "of_label": rec.get("variant_label", ""),
+            "source_key": rec["key"], "lr": lr,
+            "lr_text": lr_text, "recipe": recipe}
+
+
+def view_cells(cells: list[Cell], recs: list[dict], protocol: Protocol, run: RunConfig) -> list[Cell]:
+    """The cells the fairness views need once ``cells`` are done (``recs``, in the same order): for
+    each finished distilled set with a treatment, random pairs of its budget and seed under that
+    treatment; for each set whose learned extras take bytes beyond its pairs, random and herding
+    with ``floor(storage_bytes / pair_bytes)`` pairs (same seed), unless the grid has them."""
+    rnd, herd = METHODS.get("random"), METHODS.get("herding")
+    have = {(c.method, c.variant, c.budget, c.selection_seed) for c in cells}
+    out: list[Cell] = []
+    bpp, n_train = pair_bytes(protocol), protocol.train.n_images
+    for c, rec in zip(cells, recs):
+        if rec.get("status") != "ok" or c.budget is None or METHODS.get(c.method).group not in VIEW_GROUPS:
+            continue
+        t = treatment_of(rec, protocol.cfg.recipe.lr_policy)
+        if t is not None:
+            out.append(Cell("random", c.budget, c.selection_seed, c.eval_seeds, method_config(rnd, {}), t, "treated"))
+        matched = int(rec.get("storage_bytes") or 0) // bpp
+        if matched >= c.budget and matched <= n_train:
+            for m, cls in (("random", rnd), ("herding", herd)):
+                k = (m, "", matched, c.selection_seed)
+                if k not in have:
+                    have.add(k)
+                    out.append(Cell(m, matched, c.selection_seed, c.eval_seeds, method_config(cls, {}), view="bytes"))
+    return out
+
+
+def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
+    """A done cell with what this run asks for and it lacks (the score curve, the transfer score),
+    computed from its stored artifact without rebuilding the set. The stored numbers are kept: a
+    curve is added only when re-scoring reproduces them. Anything that goes wrong leaves the cell as
+    it was (one warning line)."""
+    per_seed = rec.get("metrics_per_seed") or []
+    want_curve = bool(per_seed) and "curve" not in per_seed[0]
+    st = transfer_student(protocol, run.transfer)
+    want_transfer = st is not None and (rec.get("transfer") or {}).get("student") != st.identity() \
+        and cell.budget is not None
+    if not (want_curve or want_transfer):
+        return rec
+    try:
+        if rec.get("artifact"):
+            built, _ = Artifact.load(Path(rec["artifact"]))
+        elif cell.method in REFERENCES:
+            built = METHODS.get(cell.method)(cell.config).build(MethodContext(protocol, run.cache_dir, run.device, log),
+                                                                 cell.budget, cell.selection_seed)
+        else:
+            return rec
+        if cell.treatment:
+            built.lr, built.lr_text = cell.treatment["lr"], cell.treatment["lr_text"]
+        native = built.native_recipe()
+        recipe = built.recipe or native or (cell.treatment or {}).get("recipe")
+        new = dict(rec)
+        if want_curve:
+            log(f"  adding the score curve to {cell.label} (re-scoring its stored set)")
+            again = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, None, recipe=recipe, curve_every=CURVE_EVERY)
+            plain = (protocol.evaluate(built.pairs(protocol, plain=True), cell.eval_seeds, None, curve_every=CURVE_EVERY)
+                     if native is not None and rec.get("plain") else None)
+            same = _same_scores(again, per_seed) and (plain is None or _same_scores(plain, rec["plain"]["metrics_per_seed"]))
+            if same:
+                new["metrics_per_seed"] = [m | {"curve": a["curve"]} for m, a in zip(per_seed, again)]
+                if plain is not None:
+                    new["plain"] = dict(rec["plain"], metrics_per_seed=[
+                        m | {"curve": a["curve"]} for m, a in zip(rec["plain"]["metrics_per_seed"], plain)])
+                new["curve_every"] = CURVE_EVERY
+            else:
+                log(f"warning: re-scoring {cell.label} does not reproduce its stored scores (another machine or "
+                    f"library version?); its curve is left out (--force redoes the cell)")
+        if want_transfer:
+            new.update(_transfer_scores(built, protocol, run, cell.eval_seeds, recipe, log))
+        if new != rec:
+            atomic_write_json(cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed,
+                                        cell.variant), new)
+        return new
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        log(f"warning: could not add the curve or transfer score to {cell.label}: {error_message(e)}; the cell is kept as it was")
+        return rec
+
+
+def _same_scores(a: list[dict], b: list[dict]) -> bool:
+    recalls = [k for k in a[0] if k[:3] in ("tr_", "ir_")] if a else []
+    return len(a) == len(b) and all(abs(x[k] - y[k]) < 1e-9 for x, y in zip(a, b) for k in recalls)
 
 
 def grid_work(protocol: Protocol, run: RunConfig, store: Callable, log: Callable = print) -> Work:
@@ -329,7 +527,7 @@ def cell_spec(cell: Cell) -> dict:
     import time, so it travels as a dict and is rebuilt from the worker's registry)."""
     return {"method": cell.method, "budget": cell.budget, "selection_seed": cell.selection_seed,
             "eval_seeds": list(cell.eval_seeds), "config": dataclasses.asdict(cell.config),
-            "plugin": origin("method", cell.method)}
+            "plugin": origin("method", cell.method), "treatment": cell.treatment, "view": cell.view}
 
 
 _PROTOCOLS: dict = {}  # per worker process: (protocol config, cache dir, device) -> Protocol
@@ -364,5 +562,5 @@ def cell_task(spec: dict, run: RunConfig, protocol_id: str, cwd: str, cpus: int)
         raise RuntimeError(f"protocol id {protocol.id} on node {host} differs from the driver's {protocol_id} "
                            f"(different data or encoder weights at the same path?)")
     cell = Cell(spec["method"], spec["budget"], spec["selection_seed"], spec["eval_seeds"],
-                METHODS.get(spec["method"]).Config(**spec["config"]))
+                METHODS.get(spec["method"]).Config(**spec["config"]), spec.get("treatment"), spec.get("view"))
     return compute_cell(cell, protocol, run, log=print)

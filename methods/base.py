@@ -41,6 +41,12 @@ def register_method(name: str, group: str, help: str = ""):
     return deco
 
 
+def pair_bytes(protocol) -> int:
+    """Bytes of one pair at the cut: its image's and its caption's inputs as float32 (pixels cut:
+    3 x S x S values per image)."""
+    return int(protocol.train.image[0].numel() + protocol.train.text.shape[1]) * BYTES_PER_VALUE
+
+
 @dataclass
 class MethodContext:
     protocol: Any  # bench.protocol.Protocol
@@ -84,14 +90,14 @@ class Artifact:
             return tr.all_pairs()
         if self.kind == "selected":
             j = torch.as_tensor(self.indices, dtype=torch.long)
-            return PairSet.aligned(tr.image[tr.caption_image[j]], tr.text[j], self.lr)
+            return PairSet.aligned(tr.image[tr.caption_image[j]], tr.text[j], self.lr, self.lr_text)
         return PairSet.aligned(self.image.float(), self.text.float(), self.lr, self.lr_text,
                                None if plain else self.targets)
 
     def storage_bytes(self, protocol) -> int:
         """Bytes to store the set at the cut: every pair's inputs as float32, plus every learned
         extra (step size, adapters, ...), so that budgets can be compared by storage."""
-        d = protocol.train.image[0].numel() + protocol.train.text.shape[1]  # pixels cut: 3 x S x S values per image
+        d = pair_bytes(protocol) // BYTES_PER_VALUE
         n = len(protocol.train.text) if self.kind == "full" else len(self)
         extra = (1 if self.lr is not None else 0) + (1 if self.lr_text is not None else 0)
         targets = self.targets

@@ -18,7 +18,8 @@ def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
                  include_published: bool = False) -> list[Path]:
     """Write one table set and figure per protocol id, the runs frame, and a ``README.md`` index.
 
-    For each protocol: ``<report_dir>/<dataset>_<protocol_id>.{md,tex,csv,png,pdf}``; for all of
+    For each protocol: ``<report_dir>/<dataset>_<protocol_id>.{md,tex,csv,png,pdf}``, its fairness
+    views ``..._fairness.{md,tex,csv}`` (:mod:`reports.fairness`) and ``..._bytes.png``; for all of
     them ``runs.csv`` (one row per eval-seed run, see :func:`reports.frame.runs_frame`) and
     ``runs.parquet`` when pyarrow is installed. ``report_dir`` defaults to ``<out_dir>/report``.
     Published numbers (Flickr30K, COCO) are added as labelled rows only with ``include_published``.
@@ -27,7 +28,8 @@ def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
     """
     from bench.errors import BenchError
     from reports.frame import load_runs
-    from reports.plots import save_figure
+    from reports.fairness import fairness_csv, fairness_latex, fairness_markdown
+    from reports.plots import save_bytes_figure, save_figure
     from reports.tables import describe, protocol_summary, to_csv, to_latex, to_markdown
 
     out_dir = Path(out_dir)
@@ -40,18 +42,23 @@ def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
     written: list[Path] = []
     index: list[tuple[str, dict, list[Path]]] = []
     for pid, pruns in runs.groupby("protocol_id", sort=True):
-        if not pruns["status"].eq("ok").any():
+        main = pruns[pruns["view"].eq("")]  # cells planned only for the fairness views are not table rows
+        if not main["status"].eq("ok").any():
             continue  # only failures under this protocol: nothing to tabulate
-        info = describe(protocol_summary(pruns))
+        info = describe(protocol_summary(main))
         stem = report_dir / f"{_safe(info['dataset'])}_{_safe(pid)}"
         files = []
-        for suffix, text in ((".md", to_markdown(pruns, include_published)),
-                             (".tex", to_latex(pruns, include_published)),
-                             (".csv", to_csv(pruns, include_published))):
+        title = f"{info['dataset']} · test split: {info['test_split']} · protocol {pid}"
+        for suffix, text in ((".md", to_markdown(main, include_published)),
+                             (".tex", to_latex(main, include_published)),
+                             (".csv", to_csv(main, include_published)),
+                             ("_fairness.md", fairness_markdown(pruns, title)),
+                             ("_fairness.tex", fairness_latex(pruns, title)),
+                             ("_fairness.csv", fairness_csv(pruns))):
             path = stem.parent / f"{stem.name}{suffix}"
             path.write_text(text, encoding="utf-8")
             files.append(path)
-        files += save_figure(pruns, stem)
+        files += save_figure(main, stem) + save_bytes_figure(pruns, stem)
         written += files
         index.append((pid, info, files))
 
@@ -86,7 +93,8 @@ def _index_markdown(out_dir: Path, index: list, frames: list[Path]) -> str:
              "|---|---|---|---|---|---|---:|---|"]
     for pid, info, files in index:
         budgets = ", ".join(b for b in info["blocks"] if b != ALL_PAIRS) or "–"
-        links = " · ".join(f"[{p.suffix[1:]}]({p.name})" for p in files)
+        links = " · ".join(f"[{p.suffix[1:] if p.stem.endswith(_safe(pid)) else p.name.rsplit('_', 1)[-1]}]"
+                           f"({p.name})" for p in files)
         lines.append(f"| {info['dataset']} | {info['test_split']} | `{pid}` | {', '.join(info['methods'])} "
                      f"| {budgets} | {info['runs_text']} | {info['failed']} | {links} |")
     lines += ["", "All runs of all protocols, one row per eval-seed run (a failed cell is one row with its "

@@ -27,8 +27,9 @@ NOT_APPLICABLE_PREFIX = "not applicable"
 ROW_KEYS = ["protocol_id", "method", "budget"]
 """One table row: a method at one budget (NA for the full-data references) under one protocol."""
 RUN_COLUMNS = ["protocol_id", "dataset", "method", "group", "budget", "selection_seed", "eval_seed",
-               *METRICS, "storage_bytes", "seconds", "status", "error", "cell", "protocol"]
-_INTS = ("budget", "selection_seed", "eval_seed", "storage_bytes")
+               *METRICS, "storage_bytes", "seconds", "status", "error", "cell", "protocol",
+               "view", "treated_as", "treated", "best_mean", "transfer_mean", "transfer_head", "n_pairs", "pair_bytes"]
+_INTS = ("budget", "selection_seed", "eval_seed", "storage_bytes", "n_pairs", "pair_bytes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,47 +122,98 @@ def load_runs(out_dir: str | Path) -> pd.DataFrame:
     return runs_frame(load_cells(out_dir))
 
 
+def method_label(method: str, variant_label: str = "") -> str:
+    """A table row's method name: the method, and the settings that differ from its defaults."""
+    return f"{method} [{variant_label}]" if variant_label else method
+
+
 def runs_frame(cells: list[dict]) -> pd.DataFrame:
     """One row per eval-seed run of each ``ok`` cell, one per failed cell, in cell order.
 
-    Columns (:data:`RUN_COLUMNS`): protocol id, dataset, method, group, budget (NA for full data),
-    selection and eval seed, the six recalls and their ``mean`` (recomputed when a run lacks it),
-    ``storage_bytes`` and ``seconds`` (build + eval; time to failure for a failed cell) of the whole
-    cell, ``status`` (``ok``, ``failed``, ``not_applicable``), ``error``, ``cell`` (its key) and
-    ``protocol`` (JSON). Warns when one row pools cells with different method configs.
+    Columns (:data:`RUN_COLUMNS`): protocol id, dataset, method (with its non-default settings in
+    brackets; a set scored plainly besides natively also gives rows ``<method> (plain)``), group,
+    budget (NA for full data), selection and eval seed, the six recalls and their ``mean``
+    (recomputed when a run lacks it), ``storage_bytes`` and ``seconds`` (build + eval; time to
+    failure for a failed cell) of the whole cell, ``status`` (``ok``, ``failed``,
+    ``not_applicable``), ``error``, ``cell`` (its key), ``protocol`` (JSON); for the fairness views:
+    ``view`` (``""``, or ``treated``/``bytes`` for cells planned only for them, which the main tables
+    leave out), ``treated_as`` (a treated random cell: the method whose treatment it took),
+    ``treated`` (the set trains with learned step sizes or a loss of its own), ``best_mean`` (the
+    best recorded score of the run's curve), ``transfer_mean`` and ``transfer_head`` (the transfer
+    student's score), ``n_pairs`` and ``pair_bytes``. Warns when one row pools cells with different
+    method configs.
     """
     records, configs = [], {}
     for cell in cells:
         protocol = cell.get("protocol") if isinstance(cell.get("protocol"), dict) else {}
         budget = cell.get("budget")
-        base = {"protocol_id": cell["protocol_id"], "method": cell["method"], "budget": budget,
+        label = method_label(cell["method"], str(cell.get("variant_label") or ""))
+        t = cell.get("treatment") if isinstance(cell.get("treatment"), dict) else {}
+        learned = (protocol.get("recipe") or {}).get("lr_policy", "learned") == "learned"
+        info = cell.get("info") if isinstance(cell.get("info"), dict) else {}
+        treated = bool(cell.get("native")) or (learned and (cell.get("learned_lr") is not None
+                                                             or info.get("learned_lr_text") is not None))
+        base = {"protocol_id": cell["protocol_id"], "method": label, "budget": budget,
                 "dataset": str(cell.get("dataset") or protocol.get("dataset") or "unknown"),
                 "group": str(cell.get("method_group") or ("reference" if budget is None else "other")),
                 "selection_seed": _whole(cell.get("selection_seed")),
                 "storage_bytes": _whole(cell.get("storage_bytes")), "seconds": _seconds(cell),
-                "cell": str(cell.get("key") or cell.get("_path")), "protocol": json.dumps(protocol)}
+                "cell": str(cell.get("key") or cell.get("_path")), "protocol": json.dumps(protocol),
+                "view": str(cell.get("view") or ""),
+                "treated_as": method_label(str(t["of"]), str(t.get("of_label") or "")) if t.get("of") else "",
+                "treated": treated and not t, "n_pairs": _whole(cell.get("n_pairs")),
+                "pair_bytes": _whole(cell.get("pair_bytes"))}
         if cell["status"] != "ok":
             status = "not_applicable" if is_not_applicable(cell) else "failed"
             records.append(base | {"status": status, "error": str(cell.get("error") or "")})
             continue
-        key = (cell["protocol_id"], cell["method"], budget)
+        key = (cell["protocol_id"], label, budget, base["view"], base["treated_as"])
         configs.setdefault(key, set()).add(json.dumps(cell.get("method_config") or {}, sort_keys=True))
         # a set with its own treatment (learned targets) is also scored plainly: a row "<method> (plain)"
         plain = (cell.get("plain") or {}).get("metrics_per_seed") if isinstance(cell.get("plain"), dict) else None
-        for label, per_seed in ((cell["method"], cell["metrics_per_seed"]), (f"{cell['method']} (plain)", plain)):
+        transfer = _transfer(cell)
+        for row_label, per_seed, row_treated in ((label, cell["metrics_per_seed"], base["treated"]),
+                                                 (f"{label} (plain)", plain, False)):
             for run in per_seed or []:
-                mean = run.get("mean")
-                if not _is_number(mean):
-                    mean = sum(run[m] for m in RECALL_METRICS) / len(RECALL_METRICS)
+                mean = _run_mean(run)
+                seed = _whole(run.get("seed"))
+                tr = transfer[1].get(seed) if row_label == label else None
                 records.append(base | {m: float(run[m]) for m in RECALL_METRICS}
-                               | {"method": label, "mean": float(mean), "eval_seed": _whole(run.get("seed")),
-                                  "status": "ok"})
-    for (pid, method, budget), found in configs.items():
+                               | {"method": row_label, "mean": mean, "eval_seed": seed, "status": "ok",
+                                  "treated": row_treated, "best_mean": _best(run, mean),
+                                  "transfer_mean": math.nan if tr is None else tr,
+                                  "transfer_head": transfer[0] if tr is not None else ""})
+    for (pid, method, budget, _, _), found in configs.items():
         if len(found) > 1:
             warnings.warn(f"protocol {pid}: pooling {method} at budget {budget} over "
                           f"{len(found)} different method_config values", stacklevel=3)
     runs = pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
-    return runs.astype({c: "Int64" for c in _INTS} | {m: "float64" for m in (*METRICS, "seconds")})
+    runs = runs.astype({c: "Int64" for c in _INTS} | {m: "float64" for m in (*METRICS, "seconds", "best_mean",
+                                                                             "transfer_mean")})
+    return runs.fillna({"view": "", "treated_as": "", "transfer_head": ""}).astype({"treated": "boolean"})
+
+
+def _run_mean(run: dict) -> float:
+    mean = run.get("mean")
+    return float(mean) if _is_number(mean) else sum(float(run[m]) for m in RECALL_METRICS) / len(RECALL_METRICS)
+
+
+def _best(run: dict, last: float) -> float:
+    """The best mean recall among the run's recorded curve points (NaN without a curve)."""
+    curve = run.get("curve")
+    if not isinstance(curve, list) or not curve:
+        return math.nan
+    points = [_run_mean(p) for p in curve if isinstance(p, dict) and all(_is_number(p.get(m)) for m in RECALL_METRICS)]
+    return max(points + [last]) if points else math.nan
+
+
+def _transfer(cell: dict) -> tuple[str, dict]:
+    """(the transfer student's head, {eval seed: its mean recall}) of a cell; empty without one."""
+    t = cell.get("transfer") if isinstance(cell.get("transfer"), dict) else {}
+    per_seed = t.get("metrics_per_seed") if isinstance(t.get("metrics_per_seed"), list) else []
+    out = {_whole(r.get("seed")): _run_mean(r) for r in per_seed
+           if isinstance(r, dict) and all(_is_number(r.get(m)) for m in RECALL_METRICS)}
+    return str((t.get("student") or {}).get("head", "")), out
 
 
 def _whole(x: Any) -> int | None:

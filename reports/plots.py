@@ -154,3 +154,34 @@ def save_figure(runs: pd.DataFrame, stem: str | Path) -> list[Path]:
     for p in paths:
         fig.savefig(p, dpi=DPI)
     return paths
+
+
+def make_bytes_figure(runs: pd.DataFrame) -> Figure:
+    """Mean recall against storage bytes (log x) for every method and budget of one protocol."""
+    from reports.fairness import bytes_points
+
+    points = bytes_points(runs)
+    fig = Figure(figsize=(6.5, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    series = {m: p.sort_values("storage_bytes") for m, p in points.groupby("method", sort=False)}
+    colors = _colors(list(series))
+    for method, p in series.items():
+        group = p["group"].iloc[0]
+        ax.plot(p["storage_bytes"], p["mean"], marker="o" if group == "coreset" else "s", color=colors[method],
+                label=display_name(method), **GROUP_STYLE.get(group, DEFAULT_STYLE))
+    ax.set_xscale("log")
+    ax.set_xlabel("storage (bytes, log scale)")
+    ax.set_ylabel("mean of six recalls (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def save_bytes_figure(runs: pd.DataFrame, stem: str | Path) -> list[Path]:
+    """Write ``<stem>_bytes.png`` (dpi 150) of one protocol's runs."""
+    stem = Path(stem)
+    path = stem.parent / f"{stem.name}_bytes.png"
+    make_bytes_figure(runs).savefig(path, dpi=DPI)
+    return [path]

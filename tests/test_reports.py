@@ -315,9 +315,9 @@ def test_write_report_two_protocols(out, tmp_path):
     report = out / "report"
     names = sorted(p.name for p in paths)
     for pid in (PID, "111111111111"):
-        for ext in ("md", "tex", "csv", "png", "pdf"):
-            assert f"flickr8k_{pid}.{ext}" in names
-    assert "README.md" in names and "runs.csv" in names and len(paths) == 12
+        for ext in ("md", "tex", "csv", "png", "pdf", "_fairness.md", "_fairness.tex", "_fairness.csv", "_bytes.png"):
+            assert f"flickr8k_{pid}{'' if ext.startswith('_') else '.'}{ext}" in names
+    assert "README.md" in names and "runs.csv" in names and len(paths) == 20
     assert all(p.parent == report and p.stat().st_size > 0 for p in paths)
     readme = (report / "README.md").read_text()
     assert f"(flickr8k_{PID}.md)" in readme and "(flickr8k_111111111111.png)" in readme

@@ -129,11 +129,11 @@ class Protocol:
                 "cut": c.student.cut, "student": c.student.identity(), "recipe": c.recipe.identity(),
                 "metric": METRIC_VERSION, "inputs": inputs, "splits": self.dataset.summary()}
 
-    def fresh_student(self, seed: int):
+    def fresh_student(self, seed: int, student: Optional[StudentConfig] = None):
         """A fresh student (heads from ``seed``; under pixels a copy of the pretrained tower), on
-        ``self.device``."""
-        s = build_student(self.cfg.student, self.feature_splits["train"].image.shape[1], self.train.text.shape[1],
-                          seed, self.tower)
+        ``self.device``; ``student``: another student config (a transfer score), else the protocol's."""
+        s = build_student(student or self.cfg.student, self.feature_splits["train"].image.shape[1],
+                          self.train.text.shape[1], seed, self.tower)
         return s.to(self.device) if self.device != "cpu" else s
 
     def score(self, student, split: Optional[CutSplit] = None) -> dict[str, float]:
@@ -143,20 +143,38 @@ class Protocol:
         return retrieval_metrics(ie.numpy(), te.numpy(), s.caption_image.numpy())
 
     def evaluate(self, pairs: PairSet, seeds: list[int], log=None, recipe: Optional[dict] = None,
-                 split: Optional[CutSplit] = None) -> list[dict]:
+                 split: Optional[CutSplit] = None, curve_every: int = 0,
+                 student: Optional[StudentConfig] = None) -> list[dict]:
         """Train a fresh student per eval seed and score it once at the final epoch; ``recipe``:
-        fields replacing the protocol's (reference rows only, e.g. ``full_tuned``); ``split``: where
-        to score (default: the test split; a method's held-out part of train for its own stopping)."""
+        fields replacing the protocol's (a set's own treatment, ``full_tuned``'s recipe); ``split``:
+        where to score (default: the test split; a method's held-out part of train for its own
+        stopping); ``student``: another student config (transfer). ``curve_every`` > 0 also records
+        the score every that many epochs and at the last (``curve``: a diagnostic of best-of-test
+        protocols; nothing selects by it, and recording it changes no number: scoring draws no
+        random numbers and restores the student's train mode)."""
         rec = dataclasses.replace(self.cfg.recipe, **recipe) if recipe else self.cfg.recipe
         if len(pairs) < 2:
             raise BenchError(f"a set of {len(pairs)} pair(s) cannot train a contrastive student")
+        if student is not None and student.cut != self.cfg.student.cut:
+            raise BenchError(f"a transfer student must have the protocol's cut ({self.cfg.student.cut}), not {student.cut}")
         out = []
         for seed in seeds:
             t0 = time.time()
-            student = self.fresh_student(seed)  # on self.device; batches move there in train_student
-            lr = train_student(student, pairs, rec, seed)
-            m = self.score(student, split)
-            out.append({"seed": seed, "lr": lr, **m, "train_s": round(time.time() - t0, 2)})
+            st = self.fresh_student(seed, student)  # on self.device; batches move there in train_student
+            curve: list[dict] = []
+
+            def on_epoch(e, s):
+                if 0 < e < rec.epochs and e % curve_every == 0:
+                    was = s.training
+                    curve.append({"epoch": e, **self.score(s, split)})
+                    s.train(was)
+
+            lr = train_student(st, pairs, rec, seed, on_epoch if curve_every > 0 else None)
+            m = self.score(st, split)
+            row = {"seed": seed, "lr": lr, **m, "train_s": round(time.time() - t0, 2)}
+            if curve_every > 0:
+                row["curve"] = curve + [{"epoch": rec.epochs, **m}]
+            out.append(row)
             if log:
                 log(f"  eval seed {seed}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f}")
         return out
