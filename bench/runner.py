@@ -463,8 +463,9 @@ def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log:
     if not (want_curve or want_transfer):
         return rec
     try:
-        if rec.get("artifact"):
-            built, _ = Artifact.load(Path(rec["artifact"]))
+        here = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
+        if rec.get("artifact"):  # the results folder may have moved since: its own copy first
+            built, _ = Artifact.load(here if here.is_file() else Path(rec["artifact"]))
         elif cell.method in REFERENCES:
             built = METHODS.get(cell.method)(cell.config).build(MethodContext(protocol, run.cache_dir, run.device, log),
                                                                  cell.budget, cell.selection_seed)
