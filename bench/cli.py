@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer", default="auto", metavar="auto|none|student.FIELD=VALUE[,...]",
                    help="the second student every set is also scored with (default auto: the other head, mlp "
                         "for the protocol's linear); none: no transfer score")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; compute nothing")
     r.add_argument("--no-fairness", action="store_true",
                    help="do not add the cells the fairness views compare against (random at every budget, "
                         "random under each set's treatment, random and herding at each set's bytes)")
@@ -252,6 +253,10 @@ def cmd_run(args) -> int:
                     method_options=method_opts, argv=sys.argv, shard=args.shard, plugins=args.plugin_paths,
                     transfer=_transfer(args.transfer), fairness=not args.no_fairness,
                     executor=ExecutorConfig(kind=args.executor, address=args.ray_address, cpus_per_task=args.ray_cpus))
+    if args.dry_run:
+        from bench.runner import dry_run
+        dry_run(run)
+        return 0
     _, recs = execute(run)
     failed = [r for r in recs if r.get("status") != "ok"]
     part = f"shard {args.shard[0]}/{args.shard[1]}: " if args.shard else ""

@@ -46,6 +46,7 @@ from bench import SCHEMA_VERSION
 from bench.errors import BenchError, NotApplicable
 from bench.executors import ExecutorConfig, Work, make_executor
 from bench.manifest import manifest
+from bench.progress import GridClock, duration
 from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.protocol.student import StudentConfig
@@ -359,14 +360,15 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
         part = f" (shard {run.shard[0]}/{run.shard[1]}: {len(mine)} of them)" if run.shard else ""
         log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), "
             f"{len(cells)} cells{part} -> {run.out}")
-        recs = _run_cells(mine, protocol, run, executor, log)
+        clock = GridClock(_history(run.out, protocol.id))
+        recs = _run_cells(mine, protocol, run, executor, log, clock)
         if run.fairness:
             extra = view_cells(mine, recs, protocol, run)
             if extra:
                 log(f"fairness views: {len(extra)} more cells (random under the sets' own treatment, "
                     f"random and herding at the sets' bytes)")
                 _write_grid(run, protocol, cells + extra)
-                recs += _run_cells(extra, protocol, run, executor, log)
+                recs += _run_cells(extra, protocol, run, executor, log, clock)
     return protocol, recs
 
 
@@ -380,8 +382,26 @@ def _write_grid(run: RunConfig, protocol: Protocol, cells: list[Cell]) -> None:
         raise BenchError(f"cannot write the grid file under {run.out}/grids: {e.strerror or e}") from None
 
 
-def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, log: Callable) -> list[dict]:
-    """Skip (and augment) the done cells, prepare the methods of the others, and run them."""
+def _history(out: Path, protocol_id: str) -> list[tuple]:
+    """(method, budget, seconds) of the finished cells of a protocol in a results folder."""
+    rows = []
+    for path in (Path(out) / "cells" / protocol_id).glob("*/*.json"):
+        rec = read_cell(path)
+        t = (rec or {}).get("timings") or {}
+        if rec and rec.get("status") == "ok" and not rec.get("view") and isinstance(t.get("build_s"), (int, float)):
+            rows.append((rec["method"], rec.get("budget"), t["build_s"] + (t.get("eval_s") or 0)))
+    return rows
+
+
+def _clock_key(c: Cell) -> tuple:
+    return ("random" if c.view else c.method), METHODS.get(c.method).group, c.budget
+
+
+def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, log: Callable,
+               clock: Optional[GridClock] = None) -> list[dict]:
+    """Skip (and augment) the done cells, prepare the methods of the others, and run them, with a
+    progress line (cells done / total, ETA) after each."""
+    clock = clock or GridClock()
     recs: dict[int, dict] = {}
     todo = []
     for k, c in enumerate(mine):
@@ -400,14 +420,53 @@ def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, l
         else:
             runnable.append(c)
 
+    left = {id(c): c for c in runnable}
+    if runnable:
+        log(f"{len(runnable)} of {len(mine)} cells to run, estimated {duration(clock.eta(map(_clock_key, runnable)))}"
+            f" (from measured cell times)")
+
     def store(cell: Cell, result: CellResult) -> None:
         art = result.artifact
         if art is not None and art.indices is not None:  # Ray hands numpy arrays back read-only
             art.indices = np.array(art.indices)
-        recs[index[id(cell)]] = store_cell(result, run.out, log)
+        recs[index[id(cell)]] = rec = store_cell(result, run.out, log)
+        t = rec.get("timings") or {}
+        if rec.get("status") == "ok":
+            clock.add(_clock_key(cell)[0], cell.budget, (t.get("build_s") or 0) + (t.get("eval_s") or 0))
+        left.pop(id(cell), None)
+        log(f"progress: {len(runnable) - len(left)}/{len(runnable)} cells run"
+            + (f", ETA {duration(clock.eta(map(_clock_key, left.values())))}" if left else ""))
 
     executor.run(runnable, grid_work(protocol, run, store, log))
     return [recs[k] for k in range(len(mine))]
+
+
+def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
+    """Print the plan (cells per method and budget, done or to run, estimated time) without computing
+    anything: the dataset is read and the encoders named, but no feature, expert or cell is computed."""
+    from bench.protocol.core import planned_protocol
+
+    check_run(run)
+    pid, ds = planned_protocol(run.protocol, run.cache_dir)
+    cells = shard_cells(plan(run, ds.split("train").n_images), run.shard)
+    key_id = pid
+    clock = GridClock(_history(run.out, pid))
+    log(f"protocol {pid}: {run.protocol.dataset} (test split: {ds.test_split}), {len(cells)} cells -> {run.out}")
+    rows: dict = {}
+    for c in cells:
+        path = cell_path(run.out, pid, c.method, c.budget, c.selection_seed, c.variant)
+        done = not run.force and is_done(path, key_of(c, key_id))
+        r = rows.setdefault((c.method + c.variant, c.budget), [0, 0, 0.0])
+        r[0 if done else 1] += 1
+        r[2] += 0.0 if done else clock.estimate(*_clock_key(c))
+    log(f"{'method':24s} {'budget':>6s} {'done':>5s} {'to run':>6s} {'estimate':>9s}")
+    for (m, b), (done, todo, secs) in rows.items():
+        log(f"{m:24s} {'full' if b is None else b:>6} {done:5d} {todo:6d} {duration(secs):>9s}")
+    total = sum(r[2] for r in rows.values())
+    log(f"total: {sum(r[1] for r in rows.values())} cells to run, estimated {duration(total)} on this machine's "
+        f"measured cell times (2-core priors where none were measured)"
+        + ("; then the fairness views' cells (evaluation only)" if run.fairness else ""))
+    return cells
 
 
 def treatment_of(rec: dict, lr_policy: str) -> Optional[dict]:

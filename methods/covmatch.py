@@ -156,7 +156,7 @@ class CovMatch:
                     kept = check(it + 1, kept)
                 bar.update(1)
                 if it % 100 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}")
+                    bar.set_postfix(loss=f"{loss.item():.4g}", **({"held_out": curve[-1][1]} if curve else {}))
         kept_it, final = c.iterations, (syn_img.detach(), syn_txt.detach())
         if c.keep == "holdout" and kept[2] is not None:
             _, kept_it, final = kept

@@ -494,7 +494,8 @@ class TrajectoryMatching:
                     rss_early = _rss_mb()
                 bar.update(1)
                 if it % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}",
+                                    **({"held_out": curve[-1][1]} if curve else {}))
         kept_it, final = c.iterations, snapshot()
         if c.keep != "last" and kept[2] is not None:
             _, kept_it, final = kept

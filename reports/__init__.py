@@ -2,8 +2,9 @@
 
 Entry point: :func:`write_report`. Building blocks: :mod:`reports.frame` (cell files -> one pandas
 row per eval-seed run, pooled per table row), :mod:`reports.tables` (markdown / LaTeX / CSV),
-:mod:`reports.plots` (recall vs budget), :mod:`reports.published` (the paper's numbers, shown only
-on request). The package reads stored results only and never runs or imports a method: from the
+:mod:`reports.plots` (recall vs budget, recall vs bytes), :mod:`reports.fairness` (gain over random
+under the same treatment, best-of-test inflation, transfer, budgets by bytes, published means beside
+ours), :mod:`reports.published` (published numbers, never in a ratio). The package reads stored results only and never runs or imports a method: from the
 project it may import :mod:`bench.errors` and nothing else.
 """
 from __future__ import annotations

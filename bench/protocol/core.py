@@ -84,16 +84,14 @@ class Protocol:
         tr_img, tr_txt = (torch.from_numpy(a.astype(np.float32)) for a in feats["train"])
         self._stats = {m: (x.mean(0), x.std(0).clamp(min=1e-6)) for m, x in (("image", tr_img), ("text", tr_txt))}
         self.feature_splits = {s: self._cut(s, *feats[s]) for s in feats}
-        self.splits, self.tower, pixel_parts = self.feature_splits, None, ()
+        self.splits, self.tower = self.feature_splits, None
         if cfg.student.cut == "pixels":
             if tower is None or pixels is None:
                 raise BenchError("the pixels cut needs the pixel splits and the image tower (use build_protocol)")
             self.tower = tower
             self.splits = {s: CutSplit(torch.from_numpy(np.ascontiguousarray(pixels[s])), f.text, f.caption_image)
                            for s, f in self.feature_splits.items()}
-            pixel_parts = (PIXEL_INPUT_VERSION, tower.key)
-        self.id = identity_hash(dataset.identity, dataset.test_split, encoder_keys, cfg.student.identity(),
-                                cfg.recipe.identity(), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
+        self.id = protocol_id(cfg, dataset, encoder_keys, None if tower is None else tower.key)
 
     def _cut(self, split, img, txt) -> CutSplit:
         def std(m, a):
@@ -178,6 +176,30 @@ class Protocol:
             if log:
                 log(f"  eval seed {seed}: TR@1 {m['tr_r1']:.1f} IR@1 {m['ir_r1']:.1f} mean {m['mean']:.1f}")
         return out
+
+
+def protocol_id(cfg: ProtocolConfig, dataset: CaptionDataset, encoder_keys: dict[str, str],
+                tower_key: Optional[str] = None) -> str:
+    """The protocol's id: a hash of the data, the test split, the encoders, the student, the recipe,
+    the metric and the inputs (and, under the pixels cut, the tower)."""
+    pixel_parts = () if cfg.student.cut != "pixels" else (PIXEL_INPUT_VERSION, tower_key)
+    return identity_hash(dataset.identity, dataset.test_split, encoder_keys, cfg.student.identity(),
+                         cfg.recipe.identity(), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
+
+
+def planned_protocol(cfg: ProtocolConfig, cache_dir=None) -> tuple[str, CaptionDataset]:
+    """The id and dataset a protocol will have, without computing any feature (``run --dry-run``)."""
+    from datasets.encoders import get_encoder
+    from datasets.registry import load_dataset
+
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit, cache_dir)
+    ds.split("train"), ds.split("test")
+    tower_key = None
+    if cfg.student.cut == "pixels":
+        from bench.protocol.towers import load_tower
+        tower_key = load_tower(cfg.image_encoder, cfg.student.image_size).key
+    keys = {"image": get_encoder(cfg.image_encoder, "image").key, "text": get_encoder(cfg.text_encoder, "text").key}
+    return protocol_id(cfg, ds, keys, tower_key), ds
 
 
 def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log=print) -> Protocol:

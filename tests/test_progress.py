@@ -1,0 +1,36 @@
+"""The grid's ETA and `run --dry-run`: estimates from measured cells (same method and budget, else
+the same method scaled by budget, else the 2-core prior), and a plan printed with nothing computed."""
+from __future__ import annotations
+
+import pytest
+
+from bench.cli import main
+from bench.progress import BUDGET_SCALE, PRIOR_S_AT_100, GridClock, duration
+
+
+def test_estimates_come_from_measured_cells_then_the_prior():
+    clock = GridClock([("tm", 100, 100.0), ("tm", 100, 120.0), ("random", 100, 0.5)])
+    assert clock.estimate("tm", "distill", 100) == pytest.approx(110.0)  # measured here: their mean
+    # another budget of a measured method: its nearest measured budget, scaled as tm's cells scale
+    assert clock.estimate("tm", "distill", 1000) == pytest.approx(110.0 * BUDGET_SCALE[1000])
+    # an unmeasured method: the 2-core prior; an unknown one: its group's
+    assert clock.estimate("mdm", "distill", 200) == pytest.approx(PRIOR_S_AT_100["mdm"] * BUDGET_SCALE[200])
+    assert clock.estimate("mine", "coreset", 500) == 2.0
+    clock.add("mdm", 200, 30.0)
+    assert clock.estimate("mdm", "distill", 200) == 30.0
+    assert clock.eta([("tm", "distill", 100), ("mdm", "distill", 200)]) == pytest.approx(140.0)
+    assert [duration(s) for s in (7, 250, 3900)] == ["7s", "4m 10s", "1h 05m"]
+
+
+def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    assert main(["run", "--dry-run", "--methods", "test_tm", "--ipc", "10,20", "--seeds", "2", "--limit", "80,30",
+                 "--cache-dir", str(cache), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith("protocol ") and "7 cells" not in lines[0] and "10 cells" in lines[0]
+    # test_tm plus the random cells the gain-over-random view needs, and the two reference rows
+    rows = {tuple(line.split()[:2]) for line in lines[2:-1]}
+    assert {("test_tm", "10"), ("test_tm", "20"), ("random", "10"), ("random", "20"), ("full", "full")} <= rows
+    assert lines[-1].startswith("total: 10 cells to run, estimated ")
+    assert not out.exists() and not cache.exists()
