@@ -102,7 +102,7 @@ def run_grid(cfg: RegressConfig, out: Path, cache_dir: Optional[Path] = None, lo
     pcfg = ProtocolConfig(dataset=cfg.dataset, data_root=cfg.data_root, test_split=cfg.test_split, limit=cfg.limit)
     run = RunConfig(protocol=pcfg, methods=cfg.methods, budgets=cfg.budgets, seeds=cfg.seeds, out=Path(out),
                     force=True, cache_dir=cache_dir, method_options=cfg.options, argv=["bench", "regress", cfg.name],
-                    transfer=None, fairness=False)  # the fairness views' extra cells would double the grid's time
+                    fairness=False)  # transfer scores cost an evaluation per cell; the views' extra cells, more
     protocol, recs = execute(run, log)
     return summarise(protocol.id, recs)
 

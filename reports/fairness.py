@@ -23,10 +23,17 @@ import math
 import pandas as pd
 
 from reports import published as pub
-from reports.frame import mean, ordered, sample_std
+from reports.frame import mean, ordered
+from reports.frame import sample_std as _sample_std
 
 PAIR = ["selection_seed", "eval_seed"]
 PLAIN = " (plain)"
+
+
+def sample_std(values) -> float:
+    """Sample std (ddof=1) of the non-NaN values; NaN for fewer than two (one run has no spread)."""
+    v = [float(x) for x in values if not pd.isna(x)]
+    return _sample_std(v) if len(v) > 1 else math.nan
 
 
 def _main(runs: pd.DataFrame) -> pd.DataFrame:
@@ -36,7 +43,7 @@ def _main(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _stats(values) -> tuple[int, float, float]:
     v = [float(x) for x in values if not pd.isna(x)]
-    return len(v), mean(v), sample_std(v)
+    return len(v), mean(v), sample_std(v)  # std NaN for a single run
 
 
 def gain_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -107,6 +114,9 @@ def bytes_table(runs: pd.DataFrame) -> pd.DataFrame:
     their cells at that budget; NaN when none ran)."""
     ok = runs[runs["status"].eq("ok")]
     main = _main(runs)
+    # one protocol, one pair size: cells stored before pair_bytes was recorded take their protocol's
+    known = ok.groupby("protocol_id")["pair_bytes"].max()
+    main = main.assign(pair_bytes=main["pair_bytes"].fillna(main["protocol_id"].map(known)))
     main = main[~main["method"].str.endswith(PLAIN) & main["budget"].notna() & main["pair_bytes"].notna()
                 & main["n_pairs"].notna()]
     extras = main[main["storage_bytes"] > main["n_pairs"] * main["pair_bytes"]]
