@@ -499,8 +499,9 @@ def view_cells(cells: list[Cell], recs: list[dict], protocol: Protocol, run: Run
         t = treatment_of(rec, protocol.cfg.recipe.lr_policy)
         if t is not None:
             out.append(Cell("random", c.budget, c.selection_seed, c.eval_seeds, method_config(rnd, {}), t, "treated"))
-        matched = int(rec.get("storage_bytes") or 0) // bpp
-        if matched >= c.budget and matched <= n_train:
+        nbytes = int(rec.get("storage_bytes") or 0)
+        matched = nbytes // bpp
+        if nbytes > c.budget * bpp and c.budget <= matched <= n_train:  # a set with learned extras
             for m, cls in (("random", rnd), ("herding", herd)):
                 k = (m, "", matched, c.selection_seed)
                 if k not in have:

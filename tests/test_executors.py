@@ -19,12 +19,21 @@ from methods.base import Artifact
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=3", "--set", "recipe.batch_size=16"]
 GRID = ["--methods", "random,herding,test_tm", "--ipc", "5,10", "--seeds", "2"]
-N_GRID = 2 + 3 * 2 * 2  # two full-data references + 3 methods x 2 budgets x 2 seeds
-# the keys of a cell file, in order, as the local runner has always written them
-OK_KEYS = ["schema_version", "key", "protocol_id", "protocol", "dataset", "method", "method_group", "method_config",
-           "budget", "selection_seed", "eval_seeds", "manifest", "status", "n_pairs", "storage_bytes", "learned_lr",
-           "metrics_per_seed", "metrics_mean", "artifact", "info", "timings"]
-FAILED_KEYS = OK_KEYS[:12] + ["status", "error", "traceback", "timings"]
+# two full-data references + 3 methods x 2 budgets x 2 seeds + random under test_tm's step size (fairness views)
+N_GRID = 2 + 3 * 2 * 2 + 2 * 2
+# the keys of a cell file, in order, as the local runner writes them
+BASE_KEYS = ["schema_version", "key", "protocol_id", "protocol", "dataset", "method", "method_group", "method_config",
+             "budget", "selection_seed", "eval_seeds", "variant", "variant_label", "pair_bytes", "manifest"]
+OK_KEYS = BASE_KEYS + ["status", "n_pairs", "storage_bytes", "learned_lr", "metrics_per_seed", "metrics_mean",
+                       "artifact", "info", "timings", "transfer", "curve_every"]
+FAILED_KEYS = BASE_KEYS + ["status", "error", "traceback", "timings"]
+
+
+def ok_keys(rec) -> list[str]:
+    """OK_KEYS as a cell of this kind has them: a treated cell names its treatment, a reference row
+    (not a set) has no transfer score."""
+    keys = OK_KEYS if "treatment" not in rec else BASE_KEYS + ["treatment", "view"] + OK_KEYS[len(BASE_KEYS):]
+    return [k for k in keys if not (k == "transfer" and rec["budget"] is None)]
 
 
 def run(out, cache, *extra):
@@ -32,11 +41,13 @@ def run(out, cache, *extra):
 
 
 def records(out) -> dict:
-    """``{(method, budget, seed): record}`` of every cell file under ``out``."""
+    """``{(method, budget, seed): record}`` of every cell file under ``out`` (``random@<method>`` for
+    random pairs under another set's treatment)."""
     recs = {}
     for f in Path(out, "cells").rglob("*.json"):
         r = json.loads(f.read_text())
-        recs[(r["method"], r["budget"], r["selection_seed"])] = r
+        treated = f"@{r['treatment']['of']}" if r.get("treatment") else ""
+        recs[(r["method"] + treated, r["budget"], r["selection_seed"])] = r
     return recs
 
 
@@ -69,7 +80,7 @@ def test_ray_results_equal_local_results(tmp_path, cache, ray_cluster):
     assert len(local) == N_GRID and set(remote) == set(local)
     for cell, a in local.items():
         b = remote[cell]
-        assert list(a) == OK_KEYS and list(b) == OK_KEYS, cell
+        assert list(a) == ok_keys(a) and list(b) == ok_keys(b), cell
         assert b["status"] == "ok" and b["key"] == a["key"], cell
         assert scores(b) == scores(a), cell  # every metric of every eval seed, exactly
         assert b["metrics_mean"] == a["metrics_mean"] and b["storage_bytes"] == a["storage_bytes"]
@@ -107,7 +118,9 @@ def test_dead_worker_loses_only_its_cell_and_a_rerun_redoes_it(tmp_path, cache, 
     assert run(out, cache, *argv) == 0
     after = mtimes(out)
     redone = {f for f in after if after[f] != before[f]}
-    assert {f.relative_to(out / "cells").as_posix().split("/", 1)[1] for f in redone} == {"test_crash/10_s1.json"}
+    # test_crash runs with an option set (its marker): its cells have their own folder, test_crash~<config hash>
+    assert [f.relative_to(out / "cells").as_posix().split("/", 1)[1].split("~")[0] for f in redone] == ["test_crash"]
+    assert [f.name for f in redone] == ["10_s1.json"]
     again = records(out)[("test_crash", 10, 1)]
     assert again["status"] == "ok" and again["key"] == dead["key"]
     capsys.readouterr()

@@ -208,7 +208,9 @@ def test_lora_on_the_tower_every_adapter_gets_a_gradient(pixels_protocol):
 
 
 def _cells(out):
-    return {f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in Path(out, "cells").rglob("*.json")}
+    """``{"<method>/<budget>_s<seed>": record}`` (a method run with options keeps its own folder,
+    ``<method>~<config hash>``; the key drops the hash)."""
+    return {f"{f.parent.name.split('~')[0]}/{f.stem}": json.loads(f.read_text()) for f in Path(out, "cells").rglob("*.json")}
 
 
 def test_pixel_experts_store_deltas_that_resolve_the_tower_movement():
