@@ -210,8 +210,7 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
         ctx = MethodContext(protocol, run.cache_dir, run.device, log)
         built = cls(cell.config).build(ctx, cell.budget, cell.selection_seed)
         built.validate(protocol, cell.budget)
-        if cell.treatment:  # another set's step sizes (and loss, below) on these pairs; identity targets
-            built.lr, built.lr_text = cell.treatment["lr"], cell.treatment["lr_text"]
+        recipe = _treat(built, cell)
         t1 = time.time()
         apath = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
         if built.kind != "full":
@@ -219,7 +218,6 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
             meta = ({k: rec[k] for k in ("protocol_id", "dataset", "method", "method_config", "budget", "selection_seed")}
                     | {"protocol_config": dataclasses.asdict(protocol.cfg), "storage_bytes": built.storage_bytes(protocol)})
         native = built.native_recipe()
-        recipe = built.recipe or native or (cell.treatment or {}).get("recipe")
         per_seed = protocol.evaluate(built.pairs(protocol), cell.eval_seeds, log, recipe=recipe, curve_every=CURVE_EVERY)
         metrics = _metrics(per_seed)
         rec.update(status="ok", n_pairs=len(built) if built.kind != "full" else len(protocol.train.text),
@@ -246,6 +244,15 @@ def compute_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable =
         rec.update(status="failed", error=msg, traceback=traceback.format_exc(), timings={"failed_after_s": round(time.time() - t0, 2)})
         log(f"FAIL  {cell.label}: {msg}")
     return CellResult(rec, art, meta)
+
+
+def _treat(built: Artifact, cell: Cell) -> Optional[dict]:
+    """The recipe fields a cell's set trains with: a reference row's own recipe, a set's native
+    treatment (its loss), or, for random pairs under another set's treatment, that set's loss, with
+    its step sizes put on the pairs here (identity targets)."""
+    if cell.treatment:
+        built.lr, built.lr_text = cell.treatment["lr"], cell.treatment["lr_text"]
+    return built.recipe or built.native_recipe() or (cell.treatment or {}).get("recipe")
 
 
 def _metrics(per_seed: list[dict]) -> dict[str, list[float]]:
@@ -531,10 +538,7 @@ def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log:
                                                                  cell.budget, cell.selection_seed)
         else:
             return rec
-        if cell.treatment:
-            built.lr, built.lr_text = cell.treatment["lr"], cell.treatment["lr_text"]
-        native = built.native_recipe()
-        recipe = built.recipe or native or (cell.treatment or {}).get("recipe")
+        recipe, native = _treat(built, cell), built.native_recipe()
         new = dict(rec)
         if want_curve:
             log(f"  adding the score curve to {cell.label} (re-scoring its stored set)")
