@@ -40,7 +40,8 @@ def _scale(budget) -> float:
 
 class GridClock:
     """An ETA for a grid: each cell's time estimated from this run's (and the results folder's)
-    measured cells of the same method, scaled by budget, else from the 2-core prior."""
+    measured cells of the same method and config (``tm``, ``tm~<hash>``), scaled by budget, else
+    from the 2-core prior."""
 
     def __init__(self, history=()):
         self.seen: dict = {}  # (method, budget) -> [seconds]
@@ -59,7 +60,8 @@ class GridClock:
         if same and budget is not None:
             b, s = min(same, key=lambda x: abs(x[0] - budget))
             return s * _scale(budget) / _scale(b)
-        base = PRIOR_S_AT_100.get(method, PRIOR_BY_GROUP.get(group, 60.0))
+        name = method.split("~")[0]  # another config of a method: its prior until measured
+        base = PRIOR_S_AT_100.get(name, PRIOR_BY_GROUP.get(group, 60.0))
         return base * (_scale(budget) if group != "coreset" else 1.0)
 
     def eta(self, cells) -> float:

@@ -390,18 +390,19 @@ def _write_grid(run: RunConfig, protocol: Protocol, cells: list[Cell]) -> None:
 
 
 def _history(out: Path, protocol_id: str) -> list[tuple]:
-    """(method, budget, seconds) of the finished cells of a protocol in a results folder."""
+    """(method + variant, budget, seconds) of the finished cells of a protocol in a results folder."""
     rows = []
     for path in (Path(out) / "cells" / protocol_id).glob("*/*.json"):
         rec = read_cell(path)
         t = (rec or {}).get("timings") or {}
         if rec and rec.get("status") == "ok" and not rec.get("view") and isinstance(t.get("build_s"), (int, float)):
-            rows.append((rec["method"], rec.get("budget"), t["build_s"] + (t.get("eval_s") or 0)))
+            rows.append((rec["method"] + rec.get("variant", ""), rec.get("budget"), t["build_s"] + (t.get("eval_s") or 0)))
     return rows
 
 
 def _clock_key(c: Cell) -> tuple:
-    return ("random" if c.view else c.method), METHODS.get(c.method).group, c.budget
+    """How the clock knows a cell: its method and config (a view's cell costs what a random one does)."""
+    return ("random" if c.view else c.method + c.variant), METHODS.get(c.method).group, c.budget
 
 
 def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, log: Callable,

@@ -34,3 +34,10 @@ def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, capsys):
     assert {("test_tm", "10"), ("test_tm", "20"), ("random", "10"), ("random", "20"), ("full", "full")} <= rows
     assert lines[-1].startswith("total: 10 cells to run, estimated ")
     assert not out.exists() and not cache.exists()
+
+
+def test_another_config_of_a_method_is_timed_on_its_own():
+    clock = GridClock([("tm~1234abcd", 100, 20.0)])
+    assert clock.estimate("tm~1234abcd", "distill", 100) == 20.0
+    assert clock.estimate("tm", "distill", 100) == PRIOR_S_AT_100["tm"]  # the default's prior, not the small config's
+    assert clock.estimate("lors~99", "distill", 100) == PRIOR_S_AT_100["lors"]
