@@ -570,8 +570,8 @@ def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log:
 
 
 def _same_scores(a: list[dict], b: list[dict]) -> bool:
-    recalls = [k for k in a[0] if k[:3] in ("tr_", "ir_")] if a else []
-    return len(a) == len(b) and all(abs(x[k] - y[k]) < 1e-9 for x, y in zip(a, b) for k in recalls)
+    from bench.protocol.retrieval import METRICS
+    return len(a) == len(b) and all(abs(x[k] - y[k]) < 1e-9 for x, y in zip(a, b) for k in METRICS)
 
 
 def grid_work(protocol: Protocol, run: RunConfig, store: Callable, log: Callable = print) -> Work:
