@@ -12,12 +12,21 @@ For users who have weights: ``timm:<model>`` (image; ``timm:<model>@<checkpoint>
 ``hf:<name-or-path>[@mean|@cls]`` (text; mean pooling, or the [CLS] token's), ``open_clip:<arch>[:<pretrained or checkpoint>]`` (either tower).
 
 Each encoder has a ``key`` covering its name, weights and preprocessing; the feature cache uses it.
+
+Backends: an encoder whose batch function is a :class:`Stages` (prepare -> network -> pool) runs its
+network through ONNX Runtime on the CPU (the network is exported in memory on first use). The
+offline defaults run 5x (images) and 1.6x (captions) faster there than in eager PyTorch on 2 cores,
+and their features agree with torch's within float16 rounding (``tests/test_encoders_and_cache.py``),
+which is why the backend is not part of the key. ``$VLBENCH_ENCODER_BACKEND`` = ``auto`` (default:
+ONNX Runtime on CPU when installed, torch otherwise), ``onnx`` or ``torch``.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -42,6 +51,56 @@ def _weights_digest(path: str) -> str:
 
 
 @dataclass
+class Stages:
+    """A batch function in three stages, so that the network can run on another backend:
+    ``prepare(items) -> {name: tensor}`` (CPU), ``network(*inputs.values()) -> tensor``, ``post(out, inputs)``
+    (pooling). ``axes``: the dynamic axes of each input (ONNX export). Called as
+    ``stages(model, items, device)`` it is the torch batch function."""
+
+    prepare: Callable
+    post: Callable
+    axes: dict
+
+    def __call__(self, model, items, device):
+        inputs = {k: v.to(device) for k, v in self.prepare(items).items()}
+        return self.post(model(*inputs.values()), inputs)
+
+
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def backend_choice() -> str:
+    b = os.environ.get("VLBENCH_ENCODER_BACKEND", "auto")
+    if b not in BACKENDS:
+        raise BenchError(f"VLBENCH_ENCODER_BACKEND={b!r} is not a backend; available: {', '.join(BACKENDS)}")
+    return b
+
+
+class OnnxNetwork:
+    """The network of a :class:`Stages` batch function on ONNX Runtime's CPU provider."""
+
+    def __init__(self, model: torch.nn.Module, stages: Stages, sample):
+        import onnxruntime as ort
+
+        inputs = stages.prepare(sample)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, tuple(inputs.values()), buf, input_names=list(inputs), output_names=["out"],
+                              dynamic_axes={**stages.axes, "out": {0: "batch"}}, dynamo=False, opset_version=17)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = torch.get_num_threads(), 1
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        self.stages = stages
+
+    def __call__(self, items) -> torch.Tensor:
+        inputs = self.stages.prepare(items)
+        out = self.session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        return self.stages.post(torch.from_numpy(out), inputs)
+
+
+@dataclass
 class Encoder:
     """A frozen tower: ``encode(items)`` -> float32 array [n, dim].
 
@@ -55,6 +114,7 @@ class Encoder:
     load: Callable = field(repr=False)  # () -> (model, batch_fn(model, items, device) -> tensor [b, dim])
     batch_size: int = 64
     _loaded: Optional[tuple] = field(default=None, repr=False)
+    backend: str = "torch"  # what the last encode() ran on: torch or onnx
 
     @property
     def model(self) -> torch.nn.Module:
@@ -65,13 +125,32 @@ class Encoder:
             self._loaded = self.load()
         return self._loaded
 
-    @torch.inference_mode()
-    def encode(self, items: Sequence, desc: str = "", device: str = "cpu") -> np.ndarray:
+    def _runner(self, sample, device: str, log) -> Callable:
         model, batch_fn = self._get()
         model.to(device).eval()
+        choice = backend_choice()
+        if isinstance(batch_fn, Stages) and device == "cpu" and choice != "torch":
+            try:
+                net = OnnxNetwork(model, batch_fn, sample)
+                self.backend = "onnx"
+                return net
+            except Exception as e:  # onnxruntime missing, or a network the exporter cannot trace
+                if choice == "onnx":
+                    raise BenchError(f"{self.name}: ONNX Runtime backend failed: {str(e).splitlines()[0]}") from None
+                if log:
+                    log(f"{self.name}: ONNX Runtime unavailable ({str(e).splitlines()[0][:120]}); using torch")
+        self.backend = "torch"
+        return lambda items: batch_fn(model, items, device)
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence, desc: str = "", device: str = "cpu", log=None) -> np.ndarray:
         out = np.empty((len(items), self.dim), dtype=np.float32)
+        if not len(items):
+            return out
         # texts are batched by length (less padding: about 3x faster); images in order
         order = np.argsort([len(t) for t in items], kind="stable") if self.modality == "text" else None
+        first = items[0:2] if order is None else [items[i] for i in order[:2]]
+        run = self._runner(first, device, log)
         bar = progress(total=len(items), desc=desc or f"{self.name} features", unit=self.modality[:3])
         with bar:
             for s in range(0, len(items), self.batch_size):
@@ -80,7 +159,7 @@ class Encoder:
                 else:
                     rows = order[s:s + self.batch_size]
                     chunk = [items[i] for i in rows]
-                out[rows] = batch_fn(model, chunk, device).float().cpu().numpy()
+                out[rows] = run(chunk).float().cpu().numpy()
                 bar.update(len(chunk))
         return out
 
@@ -88,8 +167,9 @@ class Encoder:
 # ---------------------------------------------------------------- image side
 
 def _pil_batch(images, size: int, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.resize((size, size), resample=2), dtype=np.float32) for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    """RGB images -> float32 [b, 3, size, size], ``(x - mean) / std`` (bilinear resize when needed)."""
+    arr = np.stack([np.asarray(im if im.size == (size, size) else im.resize((size, size), resample=2)) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
     sd = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
     return (x - m) / sd
@@ -150,9 +230,8 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
 
 @ENCODERS.register("effnet_lite0", groups=("image",), help="EfficientNet-Lite0, ImageNet, 1280-d (offline default)")
 def effnet_lite0(image_size: int = 224) -> Encoder:
-    def batch(model, ims, device):
-        x = _pil_batch(ims, image_size, 127.0, 128.0).to(device).contiguous(memory_format=torch.channels_last)
-        return model(x)
+    batch = Stages(prepare=lambda ims: {"x": _pil_batch(ims, image_size, 127.0, 128.0).contiguous(memory_format=torch.channels_last)},
+                   post=lambda out, inputs: out, axes={"x": {0: "batch"}})
 
     def load():
         return fold_batchnorm(effnet_lite_tower("lite0").eval()).to(memory_format=torch.channels_last), batch
@@ -164,6 +243,17 @@ def effnet_lite0(image_size: int = 224) -> Encoder:
 # ---------------------------------------------------------------- text side
 
 POOLINGS = ("mean", "cls")
+
+
+class _LastHidden(torch.nn.Module):
+    """A Hugging Face encoder as ``(input_ids, attention_mask) -> last hidden states`` (exportable)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128, pooling: str = "mean") -> Encoder:
@@ -185,24 +275,26 @@ def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128, 
         from transformers import AutoModel, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
 
-        def batch(m, texts, device):
-            enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
-            hidden = m(**enc).last_hidden_state
+        def prepare(texts):
+            enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+        def post(hidden, inputs):
             if pooling == "cls":
                 pooled = hidden[:, 0]
             else:
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1) if normalise else pooled
-        return model, batch
+        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
+        return _LastHidden(AutoModel.from_pretrained(path)), Stages(prepare, post, axes)
 
     weights = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
                     if os.path.exists(os.path.join(path, f))), None)
     digest = _weights_digest(weights) if weights else path
     key = f"{name}-{digest}-{pooling}pool{'-l2' if normalise else ''}-max{max_len}"
-    return Encoder(name, "text", config.hidden_size, key, load, batch_size=256)
+    return Encoder(name, "text", config.hidden_size, key, load, batch_size=64)
 
 
 @ENCODERS.register("minilm_l6", groups=("text",), help="all-MiniLM-L6-v2, 384-d mean-pooled (offline default)")

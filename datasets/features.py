@@ -243,15 +243,15 @@ def features(ds: CaptionDataset, split: str, enc: Encoder, cache_dir=None, devic
 
             def __getitem__(self, sl):
                 return loader(refs[sl])
-        arr = enc.encode(_Lazy(), desc=f"{ds.name}/{split} images", device=device)
+        arr = enc.encode(_Lazy(), desc=f"{ds.name}/{split} images", device=device, log=log)
     else:
-        arr = enc.encode(sp.captions, desc=f"{ds.name}/{split} captions", device=device)
+        arr = enc.encode(sp.captions, desc=f"{ds.name}/{split} captions", device=device, log=log)
     arr = arr.astype(np.float16)
     if not all_finite(arr):
         raise RuntimeError(f"encoder {enc.name} gave non-finite {enc.modality} features for {ds.name}/{split}; not cached")
     meta = {"dataset": ds.name, "identity": ds.identity, "split": split, "stored_split": ds.test_split if split == "test" else split,
-            "encoder": enc.key, "seconds": round(time.time() - t0, 2)}
+            "encoder": enc.key, "backend": enc.backend, "seconds": round(time.time() - t0, 2)}
     atomic_save_npy(path, arr, meta)
     if log:
-        log(f"cached {enc.modality} features {ds.name}/{split} {arr.shape} in {meta['seconds']} s -> {path}")
+        log(f"cached {enc.modality} features {ds.name}/{split} {arr.shape} in {meta['seconds']} s ({enc.backend}) -> {path}")
     return arr

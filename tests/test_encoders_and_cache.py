@@ -38,6 +38,49 @@ def test_default_encoders_give_real_features():
     assert np.allclose(single, t[:2], atol=1e-5)
 
 
+def _both_backends(enc_factory, items, monkeypatch):
+    got = {}
+    for b in ("torch", "onnx"):
+        monkeypatch.setenv("VLBENCH_ENCODER_BACKEND", b)
+        enc = enc_factory()
+        got[b] = enc.encode(items)
+        assert enc.backend == b
+    return got["torch"], got["onnx"]
+
+
+def test_onnx_runtime_features_equal_torchs_within_float16_rounding(monkeypatch):
+    """The backend is left out of the cache key, so the features must agree: every value within
+    one float16 rounding step (2^-11 relative) of torch's, on real images and captions."""
+    pytest.importorskip("onnxruntime")
+    ds = load_dataset("synthetic", limit=(24, 2))
+    ims = [ds.load_image(r) for r in ds.split("train").images[:24]]
+    ims[3] = ims[3].resize((160, 120))  # another size takes the resize path on both backends
+    caps = ds.split("train").captions[:70] + ["a", "two big blue squares " * 20]  # > one batch, padding, truncation
+    for factory, items in ((lambda: get_encoder("effnet_lite0", "image"), ims),
+                           (lambda: get_encoder("minilm_l6", "text"), caps)):
+        ref, got = _both_backends(factory, items, monkeypatch)
+        assert np.isfinite(got).all() and got.std() > 0
+        np.testing.assert_allclose(got, ref, rtol=2 ** -11, atol=1e-5)
+
+
+def test_tiny_bert_with_cls_pooling_on_onnx_runtime(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from tests.test_field_encoders import tiny_bert
+
+    path = tiny_bert(tmp_path / "bert")
+    texts = ["a dog runs on the grass", "two men", "the dog"]
+    ref, got = _both_backends(lambda: get_encoder(f"hf:{path}@cls", "text"), texts, monkeypatch)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_backend_is_one_clear_error(monkeypatch):
+    from bench.errors import BenchError
+
+    monkeypatch.setenv("VLBENCH_ENCODER_BACKEND", "tensorrt")
+    with pytest.raises(BenchError, match="is not a backend; available: auto, onnx, torch"):
+        get_encoder("minilm_l6", "text").encode(["a red circle"])
+
+
 def test_wrong_modality_and_unknown_encoder():
     from bench.errors import BenchError
 

@@ -219,7 +219,7 @@ def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log
         tower = load_tower(cfg.image_encoder, cfg.student.image_size)
     encs = {"image": get_encoder(cfg.image_encoder, "image"), "text": get_encoder(cfg.text_encoder, "text")}
     feats = {}
-    for split in ("train", "test") + (("val",) if ds.test_split != "val" and "val" in ds.splits and ds.splits["val"].n_images else ()):
+    for split in ("train", "test"):  # the val split is scored only as --test-split val
         feats[split] = tuple(features(ds, split, encs[m], cache_dir, device, log) for m in ("image", "text"))
     pix = None
     if tower is not None:
