@@ -428,6 +428,9 @@ def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, l
         else:
             runnable.append(c)
 
+    # cheapest first (by the clock's estimate; stable): the first numbers come soon, and a run that
+    # is stopped early has done the most cells
+    runnable.sort(key=lambda c: clock.estimate(*_clock_key(c)))
     left = {id(c): c for c in runnable}
     if runnable:
         log(f"{len(runnable)} of {len(mine)} cells to run, estimated {duration(clock.eta(map(_clock_key, runnable)))}"
