@@ -133,9 +133,10 @@ def _protocol_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--dataset", default="synthetic", help="dataset name (python -m bench list datasets); default: synthetic")
     r.add_argument("--data-root", default=None, help="folder holding the dataset's caption file and images")
     r.add_argument("--test-split", default="test", choices=("test", "val"), help="score on test, or on val while developing")
-    r.add_argument("--cut", default="heads", choices=("heads", "pixels"), help="where the student's trainable part starts")
+    r.add_argument("--cut", default="heads", choices=("heads", "pixels", "frozen-pixels"),
+                   help="where the student's trainable part starts (frozen-pixels: heads student, distilled images as pixels)")
     r.add_argument("--image-size", type=_positive, default=None, metavar="N",
-                   help="pixels cut: input resolution of the trainable image tower (default 224)")
+                   help="pixels cuts: input resolution of the image tower (default 224)")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--cache-dir", type=Path, default=None, help="feature/expert cache (default $VLBENCH_CACHE or ~/.cache/vlbench)")
     r.add_argument("--limit", type=_limit, default=None, metavar="N_TRAIN,N_EVAL", help="use only the first images of each split")
@@ -167,7 +168,7 @@ def _apply_sets(args) -> tuple[object, object, dict]:
         else:
             methods.setdefault(scope, {})[name] = value
     if "cut" in student:
-        raise BenchError("set the cut with --cut heads|pixels, not --set student.cut")
+        raise BenchError("set the cut with --cut heads|pixels|frozen-pixels, not --set student.cut")
     if args.image_size is not None:
         if student.get("image_size", args.image_size) != args.image_size:
             raise BenchError(f"--image-size {args.image_size} contradicts --set student.image_size={student['image_size']}")

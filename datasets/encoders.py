@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import io
 import os
 import warnings
@@ -354,20 +355,25 @@ def _open_clip(spec: str, modality: str, image_size: int = 224) -> Encoder:
     return Encoder(f"open_clip:{spec}", modality, dim, f"open_clip:{spec}-{digest}-{modality}", lambda: (model, batch))
 
 
-def get_encoder(spec: str, modality: str) -> Encoder:
-    """Build an encoder from a registered name or a ``timm:`` / ``hf:`` / ``open_clip:`` spec."""
+def get_encoder(spec: str, modality: str, image_size: Optional[int] = None) -> Encoder:
+    """Build an encoder from a registered name or a ``timm:`` / ``hf:`` / ``open_clip:`` spec;
+    ``image_size``: an image encoder's input resolution (default 224)."""
+    size = {} if image_size is None else {"image_size": int(image_size)}
     prefix, _, rest = spec.partition(":")
     if rest and prefix == "timm":
-        enc = _timm(rest)
+        enc = _timm(rest, **size)
     elif rest and prefix == "hf":  # hf:<name-or-path>[@mean|@cls]
         path, at, pooling = rest.rpartition("@")
         if not at or pooling not in POOLINGS:
             path, pooling = rest, "mean"
         enc = _hf_text_encoder(spec, path, normalise=False, pooling=pooling)
     elif rest and prefix == "open_clip":
-        enc = _open_clip(rest, modality)
+        enc = _open_clip(rest, modality, **size)
     else:
-        enc = ENCODERS.get(spec)()
+        factory = ENCODERS.get(spec)
+        if size and "image_size" not in inspect.signature(factory).parameters:
+            raise BenchError(f"encoder {spec!r} has a fixed input size; it cannot encode at {image_size} px")
+        enc = factory(**size)
     if enc.modality != modality:
         raise BenchError(f"encoder {spec!r} is a {enc.modality} encoder, not a {modality} encoder")
     return enc

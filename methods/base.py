@@ -42,9 +42,11 @@ def register_method(name: str, group: str, help: str = ""):
 
 
 def pair_bytes(protocol) -> int:
-    """Bytes of one pair at the cut: its image's and its caption's inputs as float32 (pixels cut:
+    """Bytes of one pair at the cut: its image's and its caption's inputs as float32 (pixels cuts:
     3 x S x S values per image)."""
-    return int(protocol.train.image[0].numel() + protocol.train.text.shape[1]) * BYTES_PER_VALUE
+    pixels = getattr(protocol, "train_pixels", None)  # frozen-pixels: the split holds features, a set pixels
+    image = protocol.train.image[0] if pixels is None else pixels[0]
+    return int(image.numel() + protocol.train.text.shape[1]) * BYTES_PER_VALUE
 
 
 @dataclass

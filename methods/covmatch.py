@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from bench.errors import BenchError
 from bench.progress import progress
 from bench.protocol.student import contrastive_loss
 from bench.protocol.training import PairSet
-from methods.base import Artifact, MethodContext, register_method
+from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.random_subset import random_pairs
 from methods.trajectory_matching import AUTO, CHECK_SEED, holdout_images
 
@@ -72,6 +72,9 @@ class CovMatchConfig:
     online_lr: float = 0.1  # the online projections' SGD step on a real batch (InfoNCE, the protocol's temperature)
     reset_every: int = 50
     keep: str = "holdout"  # holdout | last, as for tm
+    # the synthetic data's total gradient norm per iteration, clipped to this (0 = off; frozen-pixels:
+    # the loss's gradient through the tower is large enough to throw pixels out of range in one step)
+    grad_clip: float = field(default=0.0, metadata=OMIT_DEFAULT)
     check_every: int = 500
     holdout_images: int = 1000
 
@@ -100,8 +103,8 @@ class CovMatch:
 
     def build(self, ctx: MethodContext, budget: int, seed: int) -> Artifact:
         c, p = self.config.resolved(budget), ctx.protocol
-        if p.cfg.student.cut != "heads":
-            raise BenchError("covmatch runs under the heads cut only (its encoders are the protocol's frozen ones)")
+        if p.cfg.student.cut == "pixels":
+            raise BenchError("covmatch runs under the heads and frozen-pixels cuts only (its encoders are the protocol's frozen ones)")
         dev = torch.device(p.device)
         rng = np.random.default_rng(seed)
         tr = p.train
@@ -115,7 +118,7 @@ class CovMatch:
         init = random_pairs(cap, budget, rng, images=rng.choice(rest, size=budget, replace=False))
         real = np.flatnonzero(np.isin(cap, rest))
         j = torch.as_tensor(init)
-        syn_img = tr.image[tr.caption_image[j]].clone().to(dev).requires_grad_(True)
+        syn_img = p.synthetic_images(tr.caption_image[j]).to(dev).requires_grad_(True)  # frozen-pixels: pixels
         syn_txt = tr.text[j].clone().to(dev).requires_grad_(True)
         opt = torch.optim.SGD([{"params": [syn_img], "lr": c.lr_image}, {"params": [syn_txt], "lr": c.lr_text}],
                               momentum=c.momentum)
@@ -141,10 +144,12 @@ class CovMatch:
                 r = torch.as_tensor(rng.choice(real, size=min(c.batch_real, len(real)), replace=False))
                 r_img, r_txt = tr.image[tr.caption_image[r]].to(dev), tr.text[r].to(dev)
                 b = torch.as_tensor(rng.permutation(budget)[:bs]).to(dev)
-                loss = covmatch_loss(syn_img[b], syn_txt[b], r_img, r_txt, online.image_head, online.text_head,
+                loss = covmatch_loss(p.image_features(syn_img[b]), syn_txt[b], r_img, r_txt, online.image_head, online.text_head,
                                      rho=c.rho, lam=c.lam)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if c.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([syn_img, syn_txt], c.grad_clip)
                 opt.step()
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"covmatch diverged at iteration {it}")

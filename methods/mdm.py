@@ -185,7 +185,7 @@ class MDM:
         init_s = round(time.time() - t0, 1)
         real = np.flatnonzero(np.isin(cap, rest))  # the real pairs matched against: captions of the rest
         j = torch.as_tensor(init)
-        syn_img = p.image_inputs(tr.image[tr.caption_image[j]]).to(dev).requires_grad_(True)
+        syn_img = p.synthetic_images(tr.caption_image[j]).to(dev).requires_grad_(True)  # frozen-pixels: pixels
         syn_txt = tr.text[j].clone().to(dev).requires_grad_(True)
         opt = torch.optim.SGD([{"params": [syn_img], "lr": c.lr_image}, {"params": [syn_txt], "lr": c.lr_text}],
                               momentum=c.momentum)
@@ -221,7 +221,7 @@ class MDM:
                 with torch.no_grad():
                     r_img, r_txt = functional_call(model, params, (p.image_inputs(tr.image[tr.caption_image[r]]).to(dev),
                                                                    tr.text[r].to(dev)))
-                z_img, z_txt = functional_call(model, params, (syn_img[b], syn_txt[b]))
+                z_img, z_txt = functional_call(model, params, (p.image_features(syn_img[b]), syn_txt[b]))
                 loss = mdm_loss(z_img, z_txt, r_img, r_txt, temperature=temp, sigma=c.sigma, mmd_weight=c.mmd_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

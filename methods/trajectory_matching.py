@@ -269,7 +269,8 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
                  autocast: "torch.dtype | None" = None, before_step: "Callable[[], None] | None" = None,
                  targets: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None" = None,
                  lr_text: "torch.Tensor | None" = None, text_mask: "torch.Tensor | None" = None,
-                 blend: bool = False, groups: "list[torch.Tensor] | None" = None) -> torch.Tensor:
+                 blend: bool = False, groups: "list[torch.Tensor] | None" = None,
+                 image_fn: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """One matching iteration: start the student (``model`` run with flat trainable parameters laid
     out by ``spec``, plus ``frozen``) at ``start``; unroll ``syn_steps`` differentiable SGD steps of
     step size ``syn_lr`` (times ``lr_scale`` per parameter, if given) on minibatches of ``batch``
@@ -285,7 +286,15 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     The LoRS family (naive unroll): ``targets = (a, L, R, α)``, learned similarity factors that the
     steps' WBCE loss uses (the batch's rows) and that receive gradients like the data; ``lr_text``, the
     text tower's step size for the parameters in ``text_mask`` (``syn_lr`` then the image tower's);
-    ``blend``, RepBlend's mixing of each minibatch; ``groups``, masks matched each on its own."""
+    ``blend``, RepBlend's mixing of each minibatch; ``groups``, masks matched each on its own.
+
+    ``image_fn`` (the frozen-pixels cut): ``syn_img`` holds pixels and the heads see
+    ``image_fn(syn_img)``: the tower runs forward once, the unroll runs on its features exactly as
+    under heads, and their gradient goes back through the tower once, into the pixels."""
+    pixels = None
+    if image_fn is not None:
+        pixels, feats = syn_img, image_fn(syn_img)
+        syn_img = feats.detach().requires_grad_(pixels.requires_grad)
     batches = [torch.randperm(len(syn_txt), generator=gen)[:batch].to(start.device) for _ in range(syn_steps)]
 
     def step_loss(theta, img, txt, *sim):
@@ -319,6 +328,8 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     else:
         loss = meta_backward(step_loss, start, [syn_img, syn_txt], batches, syn_lr, outer, mode=unroll,
                              fd_radius=fd_radius, lr_scale=lr_scale)
+    if pixels is not None and syn_img.grad is not None:
+        feats.backward(syn_img.grad)
     if before_step is not None:
         before_step()
     for o in opts:
@@ -352,7 +363,7 @@ class TrajectoryMatching:
         trajectories = buffer.load()
         model = expert_student(p, c.experts(), seed=0)  # the structure to unroll; its trainable values are replaced
         spec = buffer.spec()
-        mode = c.unroll_mode(p.cfg.student.cut, spec, budget)
+        mode = c.unroll_mode(p.cfg.student.trained().cut, spec, budget)  # frozen-pixels unrolls as heads
         frozen = {n: t.detach() for n, t in model.named_parameters() if not t.requires_grad}
         frozen.update({n: b for n, b in model.named_buffers()})
         lr_scale = tower_lr_scale(trainable(model), p.cfg.student.tower_lr_scale) if p.tower is not None else None
@@ -368,7 +379,7 @@ class TrajectoryMatching:
         else:
             init = random_pairs(cap, budget, rng)
         j = torch.as_tensor(init)
-        syn_img = p.image_inputs(p.train.image[p.train.caption_image[j]]).to(dev)  # pixels: normalised floats
+        syn_img = p.synthetic_images(p.train.caption_image[j]).to(dev)  # pixels cuts: normalised floats
         syn_txt = p.train.text[j].clone().to(dev)
         learn_img, learn_txt = c.modality in ("joint", "image"), c.modality in ("joint", "text")
         syn_img.requires_grad_(learn_img)
@@ -475,7 +486,8 @@ class TrajectoryMatching:
                                     unroll=mode, fd_radius=c.fd_radius, lr_scale=lr_scale,
                                     before_step=clip if c.grad_clip > 0 else None,
                                     targets=None if sim is None else (*sim, c.targets_alpha), lr_text=lr_txt,
-                                    text_mask=is_text if lr_txt is not None else None, blend=c.blend, groups=groups)
+                                    text_mask=is_text if lr_txt is not None else None, blend=c.blend, groups=groups,
+                                    image_fn=p.image_features if p.frozen_tower is not None else None)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
                 losses.append(loss.item())

@@ -291,7 +291,7 @@ def test_tm_images_move_from_their_real_start(pixels_protocol, cache):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--image-size", "64"], "pixels cut only"),
+    (["--image-size", "64"], "pixels and frozen-pixels cuts only"),
     (["--cut", "pixels", "--image-encoder", "minilm_l6"], "no trainable tower"),
     (["--cut", "pixels", "--set", "student.cut=heads"], "--cut"),
     (["--device", "tpu"], "unknown --device"),

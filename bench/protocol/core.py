@@ -16,6 +16,11 @@ Under the ``pixels`` cut the image side of every split holds the images themselv
 output features with the pretrained tower's train-split mean and std, the analogue of the heads
 cut's standardised inputs), the text side the standardised frozen text features as under ``heads``. The frozen image features stay available in
 ``feature_splits`` (what the coresets select on). Under ``heads`` ``feature_splits`` is ``splits``.
+Under the ``frozen-pixels`` cut every split is at the heads cut (the image features computed at
+``student.image_size``), and the protocol also holds the train images as pixels (to initialise
+distilled images from) and the frozen tower (``image_features``: normalised pixels -> the
+standardised features the splits hold, differentiable in the pixels). A set whose images are pixels
+is scored through that tower; at 224 px the features and expert buffers are those of ``heads``.
 Training and scoring run on ``device`` (``build_protocol(..., device=)``); inputs stay on the CPU
 and move batch by batch.
 """
@@ -38,6 +43,7 @@ from datasets.base import CaptionDataset, identity_hash
 METRIC_VERSION = "recall-v1-ties-against"  # see bench/protocol/retrieval.py
 INPUT_VERSION = "standardise-train-v1"
 PIXEL_INPUT_VERSION = "pixels-v1"  # pixels cut: images from datasets/pixels.py, normalised by the tower
+FROZEN_INPUT_VERSION = "frozen-pixels-v1"  # frozen-pixels cut: distilled pixels seen through the frozen tower
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,54 @@ class Protocol:
         tr_img, tr_txt = (torch.from_numpy(a.astype(np.float32)) for a in feats["train"])
         self._stats = {m: (x.mean(0), x.std(0).clamp(min=1e-6)) for m, x in (("image", tr_img), ("text", tr_txt))}
         self.feature_splits = {s: self._cut(s, *feats[s]) for s in feats}
-        self.splits, self.tower = self.feature_splits, None
-        if cfg.student.cut == "pixels":
+        self.splits, self.tower, self.frozen_tower, self.train_pixels = self.feature_splits, None, None, None
+        if cfg.student.cut == "frozen-pixels":
+            if tower is None or pixels is None:
+                raise BenchError("the frozen-pixels cut needs the train pixels and the image tower (use build_protocol)")
+            # the tower's outputs standardised like the features: unmoved images give the splits' inputs.
+            # A dimension constant on the train images (std at the 1e-6 floor: a dead unit, common at
+            # small sizes) is 0 for every real image whatever it is divided by; it is divided by the
+            # median std, so that pixels waking it up do not blow up by a factor of a million
+            mu, sd = self._stats["image"]
+            sd = torch.where(sd <= 1e-5, sd.median(), sd)
+            self.frozen_tower = tower.standardise_outputs(mu, sd).requires_grad_(False)
+            self.train_pixels = torch.from_numpy(np.ascontiguousarray(pixels["train"]))
+        elif cfg.student.cut == "pixels":
             if tower is None or pixels is None:
                 raise BenchError("the pixels cut needs the pixel splits and the image tower (use build_protocol)")
             self.tower = tower
             self.splits = {s: CutSplit(torch.from_numpy(np.ascontiguousarray(pixels[s])), f.text, f.caption_image)
                            for s, f in self.feature_splits.items()}
         self.id = protocol_id(cfg, dataset, encoder_keys, None if tower is None else tower.key)
+
+    @property
+    def pixel_sets(self) -> bool:
+        """Whether a distilled set's images are pixels (the pixels and frozen-pixels cuts)."""
+        return self.cfg.student.cut != "heads"
+
+    def synthetic_images(self, images) -> torch.Tensor:
+        """Float32 copies of train images (indices) as a distilled set's images start: features
+        (heads), or pixels normalised by the tower (pixels, frozen-pixels)."""
+        images = torch.as_tensor(images, dtype=torch.long)
+        if self.frozen_tower is not None:
+            return self.frozen_tower.normalise(self.train_pixels[images]).clone()
+        return self.image_inputs(self.train.image[images])
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images of a set -> the student's image inputs: under frozen-pixels normalised pixels
+        through the frozen tower (differentiable in ``x``), features unchanged."""
+        if self.frozen_tower is None or x.dim() == 2:
+            return x
+        dev = self.frozen_tower.mean.device
+        return torch.cat([self.frozen_tower(x[i:i + 256].to(dev)) for i in range(0, len(x), 256)]).to(x.device)
+
+    def at_cut(self, pairs: PairSet) -> PairSet:
+        """A set as its student trains on it: pixel images mapped to features (frozen-pixels)."""
+        if self.frozen_tower is None or pairs.image.dim() == 2:
+            return pairs
+        with torch.no_grad():
+            image = self.image_features(pairs.image.float())
+        return dataclasses.replace(pairs, image=image)
 
     def _cut(self, split, img, txt) -> CutSplit:
         def std(m, a):
@@ -121,7 +167,11 @@ class Protocol:
     def describe(self) -> dict:
         c = self.cfg
         inputs = INPUT_VERSION if self.tower is None else f"{INPUT_VERSION}+{PIXEL_INPUT_VERSION}:{self.tower.key}"
-        return {"id": self.id, "dataset": c.dataset, "dataset_identity": self.dataset.identity,
+        extra = {}
+        if self.frozen_tower is not None:  # experts train the heads student on the features: heads' keys
+            extra = {"trained_inputs": inputs, "trained_student": c.student.trained().identity()}
+            inputs = f"{INPUT_VERSION}+{FROZEN_INPUT_VERSION}:{self.frozen_tower.key}"
+        return {**extra, "id": self.id, "dataset": c.dataset, "dataset_identity": self.dataset.identity,
                 "test_split": self.dataset.test_split, "limit": list(c.limit) if c.limit else None,
                 "image_encoder": self.encoder_keys["image"], "text_encoder": self.encoder_keys["text"],
                 "cut": c.student.cut, "student": c.student.identity(), "recipe": c.recipe.identity(),
@@ -151,6 +201,7 @@ class Protocol:
         protocols; nothing selects by it, and recording it changes no number: scoring draws no
         random numbers and restores the student's train mode)."""
         rec = dataclasses.replace(self.cfg.recipe, **recipe) if recipe else self.cfg.recipe
+        pairs = self.at_cut(pairs)
         if len(pairs) < 2:
             raise BenchError(f"a set of {len(pairs)} pair(s) cannot train a contrastive student")
         if student is not None and student.cut != self.cfg.student.cut:
@@ -182,9 +233,15 @@ def protocol_id(cfg: ProtocolConfig, dataset: CaptionDataset, encoder_keys: dict
                 tower_key: Optional[str] = None) -> str:
     """The protocol's id: a hash of the data, the test split, the encoders, the student, the recipe,
     the metric and the inputs (and, under the pixels cut, the tower)."""
-    pixel_parts = () if cfg.student.cut != "pixels" else (PIXEL_INPUT_VERSION, tower_key)
+    pixel_parts = {"heads": (), "pixels": (PIXEL_INPUT_VERSION, tower_key),
+                   "frozen-pixels": (FROZEN_INPUT_VERSION, tower_key)}[cfg.student.cut]
     return identity_hash(dataset.identity, dataset.test_split, encoder_keys, cfg.student.identity(),
                          cfg.recipe.identity(), METRIC_VERSION, INPUT_VERSION, *pixel_parts)[:12]
+
+
+def _feature_size(cfg: ProtocolConfig) -> dict:
+    """Under frozen-pixels the image features are the frozen encoder's at the cut's image size."""
+    return {"image_size": cfg.student.image_size} if cfg.student.cut == "frozen-pixels" else {}
 
 
 def planned_protocol(cfg: ProtocolConfig, cache_dir=None) -> tuple[str, CaptionDataset]:
@@ -195,10 +252,11 @@ def planned_protocol(cfg: ProtocolConfig, cache_dir=None) -> tuple[str, CaptionD
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit, cache_dir)
     ds.split("train"), ds.split("test")
     tower_key = None
-    if cfg.student.cut == "pixels":
+    if cfg.student.cut != "heads":
         from bench.protocol.towers import load_tower
         tower_key = load_tower(cfg.image_encoder, cfg.student.image_size).key
-    keys = {"image": get_encoder(cfg.image_encoder, "image").key, "text": get_encoder(cfg.text_encoder, "text").key}
+    keys = {"image": get_encoder(cfg.image_encoder, "image", **_feature_size(cfg)).key,
+            "text": get_encoder(cfg.text_encoder, "text").key}
     return protocol_id(cfg, ds, keys, tower_key), ds
 
 
@@ -214,15 +272,20 @@ def build_protocol(cfg: ProtocolConfig, cache_dir=None, device: str = "cpu", log
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split, cfg.limit, cache_dir)
     ds.split("train"), ds.split("test")
     tower = None
-    if cfg.student.cut == "pixels":  # fail early (no weights, unknown name) before any feature is computed
+    if cfg.student.cut != "heads":  # fail early (no weights, unknown name) before any feature is computed
         from bench.protocol.towers import load_tower
         tower = load_tower(cfg.image_encoder, cfg.student.image_size)
-    encs = {"image": get_encoder(cfg.image_encoder, "image"), "text": get_encoder(cfg.text_encoder, "text")}
+    encs = {"image": get_encoder(cfg.image_encoder, "image", **_feature_size(cfg)),
+            "text": get_encoder(cfg.text_encoder, "text")}
     feats = {}
     for split in ("train", "test"):  # the val split is scored only as --test-split val
         feats[split] = tuple(features(ds, split, encs[m], cache_dir, device, log) for m in ("image", "text"))
     pix = None
-    if tower is not None:
+    if cfg.student.cut == "frozen-pixels":
+        from datasets.pixels import pixels
+        pix = {"train": pixels(ds, "train", cfg.student.image_size, cache_dir, log)}
+        tower = tower.to(device)
+    elif tower is not None:
         from datasets.pixels import pixels, tower_stats
         pix = {s: pixels(ds, s, cfg.student.image_size, cache_dir, log) for s in feats}
         tower = tower.to(device)

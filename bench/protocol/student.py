@@ -10,6 +10,11 @@ student; only the heads are drawn from the seed) in front of its image head. The
 frozen (inputs: its features, as under ``heads``). Pixel-only settings: ``image_size`` (input
 resolution) and ``tower_lr_scale`` (the tower's step size relative to the heads' in training).
 
+Under the ``frozen-pixels`` cut (RepBlend's setting) the student is the ``heads`` student and real
+data are the frozen encoders' features, as under ``heads``; only a distilled set's images are pixels
+(``image_size``), seen through the frozen image tower (``Protocol.image_features``, differentiable in
+the pixels). A set of unmoved real images is then the heads cut's set of their features.
+
 Heads: ``linear`` (one Linear per tower) or ``mlp`` (the paper's text head, used on both towers:
 Linear, GELU, Linear, dropout, residual to the first projection, LayerNorm).
 """
@@ -27,9 +32,10 @@ from torch import nn
 from bench.errors import BenchError
 
 
-CUTS = ("heads", "pixels")
+CUTS = ("heads", "pixels", "frozen-pixels")
 HEADS = ("linear", "mlp")
 PIXEL_FIELDS = ("image_size", "tower_lr_scale")  # settings of the pixels cut only
+CUT_FIELDS = {"heads": (), "pixels": PIXEL_FIELDS, "frozen-pixels": ("image_size",)}  # the pixel fields each cut has
 
 
 @dataclass(frozen=True)
@@ -61,20 +67,28 @@ class StudentConfig:
             raise BenchError(f"student image_size must be at least 8 pixels, not {self.image_size}")
         if not self.tower_lr_scale >= 0:
             raise BenchError(f"student tower_lr_scale must be >= 0, not {self.tower_lr_scale}")
-        if self.cut == "heads":
-            defaults = StudentConfig.__dataclass_fields__
-            odd = [f for f in PIXEL_FIELDS if getattr(self, f) != defaults[f].default]
-            if odd:
-                raise BenchError(f"student.{odd[0]} applies to the pixels cut only (--cut pixels)")
+        defaults = StudentConfig.__dataclass_fields__
+        odd = [f for f in PIXEL_FIELDS if f not in CUT_FIELDS[self.cut] and getattr(self, f) != defaults[f].default]
+        if odd:
+            cuts = [c for c, fs in CUT_FIELDS.items() if odd[0] in fs]
+            raise BenchError(f"student.{odd[0]} applies to the {' and '.join(cuts)} cut{'s' if len(cuts) > 1 else ''} only, "
+                             f"not to {self.cut}")
 
     def identity(self) -> dict:
-        """The fields that define the student (hashed into protocol ids and expert keys): under
-        ``heads`` the pixel-only fields are left out, so heads ids are those of before they existed."""
+        """The fields that define the student (hashed into protocol ids and expert keys): the pixel
+        fields a cut does not have are left out, so heads ids are those of before they existed."""
         d = dataclasses.asdict(self)
-        if self.cut == "heads":
-            for f in PIXEL_FIELDS:
+        for f in PIXEL_FIELDS:
+            if f not in CUT_FIELDS[self.cut]:
                 d.pop(f)
         return d
+
+    def trained(self) -> "StudentConfig":
+        """The student as trained: under ``frozen-pixels`` the ``heads`` student (what experts and
+        evaluation train), else itself."""
+        if self.cut != "frozen-pixels":
+            return self
+        return dataclasses.replace(self, cut="heads", image_size=StudentConfig.image_size)
 
 
 class ProjectionHead(nn.Module):

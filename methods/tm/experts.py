@@ -39,7 +39,7 @@ from datasets.base import identity_hash
 from datasets.features import all_finite, read_verified, save_entry
 
 EXPERT_VERSION = 1
-STORAGE = {"heads": "float16", "pixels": "delta16"}  # how each cut stores its epochs (see above)
+STORAGE = {"heads": "float16", "pixels": "delta16", "frozen-pixels": "float16"}  # how each cut stores its epochs (see above)
 EXPERT_SEED_OFFSET = 10_000  # expert i starts from seed 10000+i: never an eval seed's initialisation
 
 
@@ -162,12 +162,13 @@ class ExpertBuffer:
 
     def __init__(self, protocol, cfg: ExpertConfig, cache_dir: Path):
         self.protocol, self.cfg = protocol, cfg
-        desc = protocol.describe()
+        desc = protocol.describe()  # frozen-pixels: the heads student's keys (the same trajectories)
         self.storage = STORAGE[protocol.cfg.student.cut]
         # the storage is in the key only where it is not the original float16 (heads keys unchanged)
         fmt = [] if self.storage == "float16" else [self.storage]
         self.key = identity_hash(EXPERT_VERSION, desc["dataset_identity"], desc["image_encoder"], desc["text_encoder"],
-                                 desc["inputs"], desc["student"], dataclasses.asdict(cfg), *fmt)[:16]
+                                 desc.get("trained_inputs", desc["inputs"]), desc.get("trained_student", desc["student"]),
+                                 dataclasses.asdict(cfg), *fmt)[:16]
         self.dir = Path(cache_dir) / "experts" / f"{protocol.cfg.dataset}-{self.key}"
         self._files: dict[int, dict] = {}  # experts verified (or trained) by this buffer
         self._log: Callable = print
