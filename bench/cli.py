@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables and plots from stored results")
     rep.add_argument("--out", type=Path, default=Path("runs"))
     rep.add_argument("--published", action="store_true", help="add the paper's published rows (other protocol) where they exist")
+    rep.add_argument("--no-sheets", dest="sheets", action="store_false",
+                     help="skip the contact sheets (pictures of each distilled set; they read the dataset and its cached features)")
+    rep.add_argument("--cache-dir", type=Path, default=None, help="feature cache for the contact sheets (default $VLBENCH_CACHE)")
 
     st = sub.add_parser("status", help="what is done, missing, failed")
     st.add_argument("--out", type=Path, default=Path("runs"))
@@ -270,6 +273,9 @@ def cmd_report(args) -> int:
     from reports import write_report
 
     paths = write_report(args.out, include_published=args.published)
+    if args.sheets:
+        from bench.runner import contact_sheets
+        paths += contact_sheets(args.out, cache_dir=args.cache_dir)
     print(f"report written to {Path(args.out) / 'report'}:")
     for p in paths:
         print(f"  {p}")
@@ -301,24 +307,12 @@ def cmd_list(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from bench.protocol import ProtocolConfig, build_protocol
-    from bench.protocol.student import StudentConfig
-    from bench.protocol.training import Recipe
+    from bench.runner import protocol_of_artifact
     from methods.base import Artifact
 
     art, meta = Artifact.load(args.artifact)
-    pc = dict(meta["protocol_config"])
-    try:
-        recipe = {"batching": "ragged", **pc["recipe"]}  # artifacts from before the field were trained on ragged batches
-        pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**recipe)
-        pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
-        pcfg = ProtocolConfig(**pc)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BenchError(f"the sidecar of {args.artifact} has a malformed protocol_config "
-                         f"({type(e).__name__}: {e})") from None
-    if args.data_root:
-        pcfg = dataclasses.replace(pcfg, data_root=args.data_root)
-    protocol = build_protocol(pcfg, args.cache_dir, args.device, log=lambda m: print(m, file=sys.stderr))
+    protocol = protocol_of_artifact(meta, args.artifact, args.cache_dir, args.data_root, args.device,
+                                    log=lambda m: print(m, file=sys.stderr))
     if protocol.id != meta.get("protocol_id"):
         print(f"warning: protocol id {protocol.id} differs from the artifact's {meta.get('protocol_id')} "
               f"(data or encoders changed)", file=sys.stderr)

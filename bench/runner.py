@@ -633,3 +633,100 @@ def cell_task(spec: dict, run: RunConfig, protocol_id: str, cwd: str, cpus: int)
     cell = Cell(spec["method"], spec["budget"], spec["selection_seed"], spec["eval_seeds"],
                 METHODS.get(spec["method"]).Config(**spec["config"]), spec.get("treatment"), spec.get("view"))
     return compute_cell(cell, protocol, run, log=print)
+
+
+def protocol_of_artifact(meta: dict, path, cache_dir=None, data_root=None, device: str = "cpu",
+                         log: Callable = print) -> Protocol:
+    """The protocol an artifact was made under, rebuilt from its sidecar's ``protocol_config``."""
+    from bench.protocol.training import Recipe
+
+    pc = dict(meta["protocol_config"])
+    try:
+        recipe = {"batching": "ragged", **pc["recipe"]}  # artifacts from before the field were trained on ragged batches
+        pc["student"], pc["recipe"] = StudentConfig(**pc["student"]), Recipe(**recipe)
+        pc["limit"] = tuple(pc["limit"]) if pc.get("limit") else None
+        pcfg = ProtocolConfig(**pc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BenchError(f"the sidecar of {path} has a malformed protocol_config ({type(e).__name__}: {e})") from None
+    if data_root:
+        pcfg = dataclasses.replace(pcfg, data_root=str(data_root))
+    return build_protocol(pcfg, cache_dir, device, log=log)
+
+
+SHEET_PAIRS = 16  # tiles per contact sheet: the set's first pairs
+
+
+def _nearest(queries, bank) -> np.ndarray:
+    """Index of the row of ``bank`` with the highest cosine similarity to each query row."""
+    import torch
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)
+    b = torch.nn.functional.normalize(bank.float(), dim=-1)
+    return (q @ b.T).argmax(1).numpy()
+
+
+def sheet_tiles(protocol: Protocol, art: Artifact, n: int = SHEET_PAIRS) -> tuple[list, str]:
+    """The contact sheet of a synthetic set: per pair, its initial real image, its own image (pixel
+    cuts: denormalised) or the real train image nearest its image feature (heads), and the real
+    train caption nearest its text feature. Returns the tiles and what the right image is."""
+    from reports.sheets import Tile
+
+    split, tr = protocol.dataset.split("train"), protocol.feature_splits["train"]
+    n = min(n, len(art))
+    init = art.info.get("init_caption_indices") or []
+    captions = _nearest(art.text[:n], tr.text)
+    tower = protocol.frozen_tower if protocol.frozen_tower is not None else protocol.tower
+
+    def real(i: int) -> np.ndarray:
+        return np.asarray(protocol.dataset.load_image(split.images[int(i)]).convert("RGB"))
+
+    if tower is not None:
+        pix = (art.image[:n].float() * tower.std.cpu() + tower.mean.cpu()).clamp(0, 255).round()
+        right, label = [p.byte().permute(1, 2, 0).numpy() for p in pix], "synthetic image"
+    else:
+        right = [real(i) for i in _nearest(art.image[:n], tr.image)]
+        label = "nearest real image to the synthetic image feature"
+    blank = np.full((8, 8, 3), 200, dtype=np.uint8)
+    tiles = [Tile(real(tr.caption_image[init[k]]) if k < len(init) else blank, right[k],
+                  split.captions[int(captions[k])], f"pair {k}") for k in range(n)]
+    return tiles, label
+
+
+def contact_sheets(out: Path, report_dir: Optional[Path] = None, cache_dir=None, log: Callable = print) -> list[Path]:
+    """A contact sheet (PNG) per stored synthetic set of ``out`` (the grid's own cells, not the
+    fairness views'), under ``<report_dir>/sheets/<dataset>_<protocol>/``. A protocol whose data
+    cannot be read here is skipped with one line."""
+    from reports import _safe
+    from reports.frame import load_cells
+    from reports.sheets import draw_sheet
+
+    report_dir = Path(report_dir) if report_dir is not None else Path(out) / "report"
+    by_protocol: dict[str, list[dict]] = {}
+    for rec in load_cells(out):
+        if rec.get("status") == "ok" and not rec.get("view") and rec.get("artifact"):
+            by_protocol.setdefault(rec.get("protocol_id", ""), []).append(rec)
+    written = []
+    for pid, recs in sorted(by_protocol.items()):
+        protocol = None
+        for rec in sorted(recs, key=lambda r: (r.get("method", ""), str(r.get("budget")), r.get("selection_seed", 0))):
+            path = Path(rec["artifact"])
+            try:
+                art, meta = Artifact.load(path)
+            except (BenchError, OSError) as e:
+                log(f"contact sheet skipped for {path}: {str(e).splitlines()[0]}")
+                continue
+            if art.kind != "synthetic":
+                continue
+            if protocol is None:
+                try:
+                    protocol = protocol_of_artifact(meta, path, cache_dir, log=lambda m: None)
+                except (BenchError, OSError) as e:
+                    log(f"contact sheets of protocol {pid} skipped: {str(e).splitlines()[0]}")
+                    break
+            tiles, label = sheet_tiles(protocol, art)
+            name = f"{rec['method']}{rec.get('variant') or ''}_{rec['budget']}_s{rec.get('selection_seed', 0)}"
+            label_ = rec.get("variant_label") or ""
+            title = (f"{rec['method']}{f' [{label_}]' if label_ else ''} · {rec['budget']} pairs · seed "
+                     f"{rec.get('selection_seed', 0)} · {protocol.cfg.dataset} · cut {protocol.cfg.student.cut} · protocol {pid}")
+            written.append(draw_sheet(tiles, report_dir / "sheets" / f"{_safe(protocol.cfg.dataset)}_{_safe(pid)}"
+                                      / f"{_safe(name)}.png", title, label))
+    return written

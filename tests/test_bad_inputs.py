@@ -91,7 +91,7 @@ CASES = {  # name: (argv with {out} {root} {cache} placeholders, words the one e
     "dropout above one": (RUN + ["--set", "student.dropout=1.5"], "dropout must be in [0, 1)"),
     "zero temperature": (RUN + ["--set", "student.temperature=0"], "temperature must be > 0"),
     "cut through --set": (RUN + ["--set", "student.cut=pixels"], "--cut heads|pixels"),
-    "pixel field on heads": (RUN + ["--set", "student.image_size=64"], "pixels cut only"),
+    "pixel field on heads": (RUN + ["--set", "student.image_size=64"], "pixels and frozen-pixels cuts only"),
     "tiny pixel images": (RUN + ["--cut", "pixels", "--image-size", "4"], "at least 8 pixels"),
     "unknown method option": (RUN + ["--set", "random.nosuch=3"], "has no option 'nosuch'"),
     "bad option value": (RUN + ["--methods", "tm", "--set", "tm.iterations=abc"], "cannot read 'abc'"),

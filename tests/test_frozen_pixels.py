@@ -141,3 +141,46 @@ def test_a_method_that_cannot_run_under_a_cut_says_so_in_one_line(tmp_path, cach
     rec = _cells(out)["test_covmatch/5_s0"]
     assert rec["status"] == "failed"
     assert rec["error"].count("\n") == 0 and "runs under the heads and frozen-pixels cuts only" in rec["error"]
+
+
+def test_an_unmoved_set_looks_like_its_real_pairs(frozen_protocol, tiny_protocol):
+    """Known answers: a set whose pairs are real pairs shows, under heads, the same real image on
+    both sides and each pair's own caption (nearest neighbour of an unmoved feature is itself);
+    under frozen-pixels its own pixels, which are the initial image's."""
+    from bench.runner import sheet_tiles
+    from methods.base import Artifact
+
+    for p in (tiny_protocol, frozen_protocol):
+        tr = p.feature_splits["train"]
+        init = [tr.caption_image.tolist().index(i) for i in (3, 7, 11)]  # the first caption of images 3, 7, 11
+        images = tr.caption_image[torch.as_tensor(init)]
+        art = Artifact("synthetic", image=p.synthetic_images(images), text=tr.text[init].clone(), lr=0.1,
+                       info={"init_caption_indices": init})
+        tiles, label = sheet_tiles(p, art)
+        assert len(tiles) == 3 and label == ("synthetic image" if p.pixel_sets else
+                                             "nearest real image to the synthetic image feature")
+        captions = p.dataset.split("train").captions
+        for t, j, i in zip(tiles, init, images.tolist()):
+            assert t.caption == captions[j]
+            if p.pixel_sets:  # the denormalised pixels are the cached image's
+                assert (t.right.astype(int) == p.train_pixels[i].permute(1, 2, 0).numpy()).all()
+            else:
+                assert (t.right == t.left).all()
+
+
+def test_report_writes_a_contact_sheet_per_distilled_set(tmp_path, cache, capsys):
+    from PIL import Image
+
+    out = tmp_path / "runs"
+    assert main(["run", "--out", str(out), "--cache-dir", str(cache), *FROZEN, *TINY_TM, "--methods", "herding,test_tm",
+                 "--ipc", "5", "--seeds", "1", "--no-fairness", "--transfer", "none"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    sheets = sorted((out / "report" / "sheets").rglob("*.png"))
+    # synthetic sets only (herding selects real pairs); a config's variant stays in the name
+    assert len(sheets) == 1 and sheets[0].name.startswith("test_tm") and sheets[0].name.endswith("_5_s0.png")
+    with Image.open(sheets[0]) as im:
+        assert im.size[0] > 400 and im.size[1] > 150
+    assert str(sheets[0]) in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["report", "--out", str(out), "--no-sheets"]) == 0
