@@ -250,8 +250,8 @@ def features(ds: CaptionDataset, split: str, enc: Encoder, cache_dir=None, devic
     if not all_finite(arr):
         raise RuntimeError(f"encoder {enc.name} gave non-finite {enc.modality} features for {ds.name}/{split}; not cached")
     meta = {"dataset": ds.name, "identity": ds.identity, "split": split, "stored_split": ds.test_split if split == "test" else split,
-            "encoder": enc.key, "backend": enc.backend, "seconds": round(time.time() - t0, 2)}
+            "encoder": enc.key, "backend": getattr(enc, "backend", "torch"), "seconds": round(time.time() - t0, 2)}
     atomic_save_npy(path, arr, meta)
     if log:
-        log(f"cached {enc.modality} features {ds.name}/{split} {arr.shape} in {meta['seconds']} s ({enc.backend}) -> {path}")
+        log(f"cached {enc.modality} features {ds.name}/{split} {arr.shape} in {meta['seconds']} s ({meta['backend']}) -> {path}")
     return arr

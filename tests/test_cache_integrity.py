@@ -150,7 +150,7 @@ class FakeText:
     def __init__(self):
         self.calls = 0
 
-    def encode(self, texts, desc=None, device=None):
+    def encode(self, texts, desc=None, device=None, log=None):
         self.calls += 1
         return np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(24).astype(np.float32)
                          for t in texts])
@@ -231,7 +231,7 @@ def test_feature_warning_goes_to_stderr_without_a_log(tmp_path, small_ds, capsys
 
 def test_fresh_non_finite_features_are_refused_not_cached(tmp_path, small_ds):
     enc = FakeText()
-    enc.encode = lambda texts, desc=None, device=None: np.full((len(texts), 4), np.nan, dtype=np.float32)
+    enc.encode = lambda texts, desc=None, device=None, log=None: np.full((len(texts), 4), np.nan, dtype=np.float32)
     with pytest.raises(RuntimeError, match="non-finite"):
         features(small_ds, "train", enc, tmp_path, log=None)
     assert not cache_path(tmp_path, small_ds, "train", enc).exists()

@@ -49,7 +49,7 @@ def test_unmoved_pixels_give_the_frozen_encoders_features(frozen_protocol, cache
     assert torch.all((got - p.train.image).abs() <= 2 ** -10 * cached.abs() / sd + 1e-4)
     # a set of those pixels is scored on the features the heads student trains on
     pairs = p.at_cut(PairSet.aligned(x[:6], p.train.text[:6]))
-    assert pairs.image.shape == (6, 1280) and torch.allclose(pairs.image, got[:6])
+    assert pairs.image.shape == (6, 1280) and torch.allclose(pairs.image, got[:6], atol=1e-4)
     assert p.id != build_protocol(ProtocolConfig(limit=(40, 20), recipe=RECIPE), cache_dir=cache, log=None).id
 
 
