@@ -115,6 +115,7 @@ class Encoder:
     load: Callable = field(repr=False)  # () -> (model, batch_fn(model, items, device) -> tensor [b, dim])
     batch_size: int = 64
     _loaded: Optional[tuple] = field(default=None, repr=False)
+    _onnx: Optional["OnnxNetwork"] = field(default=None, repr=False)  # exported once, reused by every encode()
     backend: str = "torch"  # what the last encode() ran on: torch or onnx
 
     @property
@@ -132,9 +133,10 @@ class Encoder:
         choice = backend_choice()
         if isinstance(batch_fn, Stages) and device == "cpu" and choice != "torch":
             try:
-                net = OnnxNetwork(model, batch_fn, sample)
+                if self._onnx is None:
+                    self._onnx = OnnxNetwork(model, batch_fn, sample)
                 self.backend = "onnx"
-                return net
+                return self._onnx
             except Exception as e:  # onnxruntime missing, or a network the exporter cannot trace
                 if choice == "onnx":
                     raise BenchError(f"{self.name}: ONNX Runtime backend failed: {str(e).splitlines()[0]}") from None
