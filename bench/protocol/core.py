@@ -43,7 +43,7 @@ from datasets.base import CaptionDataset, identity_hash
 METRIC_VERSION = "recall-v1-ties-against"  # see bench/protocol/retrieval.py
 INPUT_VERSION = "standardise-train-v1"
 PIXEL_INPUT_VERSION = "pixels-v1"  # pixels cut: images from datasets/pixels.py, normalised by the tower
-FROZEN_INPUT_VERSION = "frozen-pixels-v1"  # frozen-pixels cut: distilled pixels seen through the frozen tower
+FROZEN_INPUT_VERSION = "frozen-pixels-v2"  # frozen-pixels cut: distilled pixels seen through the frozen tower
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,12 @@ class Protocol:
                 raise BenchError("the frozen-pixels cut needs the train pixels and the image tower (use build_protocol)")
             # the tower's outputs standardised like the features: unmoved images give the splits' inputs.
             # A dimension constant on the train images (std at the 1e-6 floor: a dead unit, common at
-            # small sizes) is 0 for every real image whatever it is divided by; it is divided by the
-            # median std, so that pixels waking it up do not blow up by a factor of a million
+            # small sizes, most units at 32 px) is 0 for every real image whatever it is divided by;
+            # it is divided by the live units' median std, so that pixels waking it up do not blow
+            # up by a factor of a million
             mu, sd = self._stats["image"]
-            sd = torch.where(sd <= 1e-5, sd.median(), sd)
+            live = sd[sd > 1e-5]
+            sd = torch.where(sd <= 1e-5, live.median() if len(live) else torch.tensor(1.0), sd)
             self.frozen_tower = tower.standardise_outputs(mu, sd).requires_grad_(False)
             self.train_pixels = torch.from_numpy(np.ascontiguousarray(pixels["train"]))
         elif cfg.student.cut == "pixels":
