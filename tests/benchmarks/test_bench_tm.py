@@ -8,6 +8,10 @@ linear heads), naive against ``lora`` (``methods/tm/lora.py``, the base layer co
 unroll). The expert trajectory is a fake one of the real shape ([expert epochs + 1, trainable
 parameters] float16, a seeded random walk from the student's initialisation): timing does not depend
 on its values.
+
+The frozen-pixels cut (``--cut frozen-pixels``) at 64 and 112 px: the same gram iteration with the
+synthetic images as pixels seen through the frozen EfficientNet-Lite0 tower (``image_fn``: one tower
+forward, the unroll on its features, one backward into the pixels).
 """
 import pytest
 import torch
@@ -54,14 +58,24 @@ def test_bench_tm_lora_iteration(benchmark, lora_expert, n_pairs, unroll):
     run_iteration(benchmark, lora_expert, n_pairs, unroll)
 
 
-def run_iteration(benchmark, expert, n_pairs, unroll):
+@pytest.mark.benchmark(group="tm_frozen_pixels")
+@pytest.mark.parametrize("size", [64, 112])
+def test_bench_tm_frozen_pixels_iteration(benchmark, expert, size):
+    from bench.protocol.towers import effnet_lite0_tower
+
+    tower = effnet_lite0_tower(size).requires_grad_(False)
+    run_iteration(benchmark, expert, 100, "gram", image_fn=tower, pixels=size)
+
+
+def run_iteration(benchmark, expert, n_pairs, unroll, image_fn=None, pixels=None):
     model, frozen, spec, traj = expert
     start, target = traj[0].float(), traj[CFG.expert_epochs].float()
     state = {}
 
     def setup():  # a fresh synthetic set and optimisers per round: every round times the same work
         g = torch.Generator().manual_seed(n_pairs)
-        img = torch.randn(n_pairs, D_IMG, generator=g).requires_grad_(True)
+        shape = (n_pairs, D_IMG) if pixels is None else (n_pairs, 3, pixels, pixels)
+        img = torch.randn(shape, generator=g).requires_grad_(True)
         txt = torch.randn(n_pairs, D_TXT, generator=g).requires_grad_(True)
         lr = torch.tensor(CFG.lr_init, requires_grad=True)
         opts = [torch.optim.SGD([lr], lr=CFG.lr_lr, momentum=CFG.momentum),
@@ -70,7 +84,7 @@ def run_iteration(benchmark, expert, n_pairs, unroll):
         state.update(img=img, txt=txt, lr=lr, img0=img.detach().clone())
         return (model, frozen, spec, start, target, img, txt, lr, opts), dict(
             syn_steps=CFG.syn_steps, batch=min(CFG.batch_syn, n_pairs), temperature=StudentConfig().temperature,
-            min_lr=CFG.min_lr, gen=torch.Generator().manual_seed(0), unroll=unroll)
+            min_lr=CFG.min_lr, gen=torch.Generator().manual_seed(0), unroll=unroll, image_fn=image_fn)
 
     loss = benchmark.pedantic(tm_iteration, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
