@@ -26,11 +26,11 @@ def _loss(zi, zt):
 def stacked_iteration(xs, ws, lr):
     """One Gram-unroll iteration of B stacked cells (leading axis); returns the matching loss summed
     over the cells (each cell's gradients are its own: the sum separates)."""
-    heads = [dict(x=x, w=w, p=x @ w.transpose(-1, -2), k=x @ x.transpose(-1, -2), a=torch.zeros_like(x[..., :D_OUT]),
+    heads = [dict(x=x, w=w, p=x @ w.transpose(-1, -2), k=x @ x.transpose(-1, -2), a=x.new_zeros(x.shape[0], N, D_OUT),
                   g=x.new_zeros(x.shape[0], 1, D_OUT)) for x, w in zip(xs, ws)]
     for _ in range(STEPS):
         zs = [h["p"] - lr * h["g"] - lr * (h["k"] @ h["a"]) for h in heads]
-        grads = torch.autograd.grad(_loss(*zs) * zs[0].shape[0], zs, create_graph=True)
+        grads = torch.autograd.grad(_loss(*zs), zs, create_graph=True)
         for h, gr in zip(heads, grads):
             h["a"], h["g"] = h["a"] + gr, h["g"] + gr.sum(-2, keepdim=True)
     final = [h["w"] - lr * (h["a"].transpose(-1, -2) @ h["x"]) for h in heads]

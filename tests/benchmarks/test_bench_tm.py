@@ -89,5 +89,5 @@ def run_iteration(benchmark, expert, n_pairs, unroll, image_fn=None, pixels=None
     loss = benchmark.pedantic(tm_iteration, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
     assert state["lr"].grad is not None and torch.isfinite(state["lr"].grad)
-    assert state["lr"].item() >= CFG.min_lr and state["lr"].item() != CFG.lr_init  # the step size learned
+    assert state["lr"].item() >= torch.tensor(CFG.min_lr).item() and state["lr"].item() != CFG.lr_init  # the step size learned
     assert not torch.equal(state["img"].detach(), state["img0"])  # the synthetic images moved
