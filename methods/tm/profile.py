@@ -14,6 +14,11 @@ Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
   iteration, from ``getrusage``). ``--depthwise native`` swaps the tower's depthwise convolutions
   back to PyTorch's for comparison. Also the inner steps alone (forward + backward, no graph).
 
+* ``frozen``: one ``tm`` iteration of the frozen-pixels cut (``--images`` synthetic pairs as pixels
+  through the frozen EfficientNet-Lite0 tower at each of ``--sizes``, the heads' Gram unroll of
+  ``tm``'s 20 steps on their features, one backward into the pixels) beside the same iteration on
+  feature vectors (the heads cut), each in a fresh subprocess: seconds and peak memory as above.
+
 Prints a table and, with ``--out FILE``, writes the numbers as JSON. A GPU session runs
 ``python -m methods.tm.profile --device cuda --image-size 224 --images 100 --steps 10,20,40``
 (docs/pixels.md has its figures).
@@ -205,12 +210,56 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     return row
 
 
+def frozen_one(device: torch.device, image_size: int, images: int, repeats: int) -> dict:
+    """One ``tm`` iteration (defaults: 20 Gram-unrolled steps) under frozen-pixels at ``image_size``
+    (0: the heads cut, feature vectors), in this process: seconds and peak memory."""
+    from bench.protocol.student import StudentConfig, build_student
+    from bench.protocol.towers import load_tower
+    from methods.tm.experts import flatten, trainable
+    from methods.trajectory_matching import TMConfig, tm_iteration
+
+    c = TMConfig()
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(), 1280, 384, 0).to(device)
+    spec = [(n, tuple(p.shape)) for n, p in trainable(student)]
+    frozen = {n: p.detach() for n, p in student.named_parameters() if not p.requires_grad} | dict(student.named_buffers())
+    start = flatten(trainable(student)).detach()
+    target = start + 1e-2 * torch.randn_like(start)
+    tower = load_tower("effnet_lite0", image_size).to(device).requires_grad_(False) if image_size else None
+    shape = (images, 3, image_size, image_size) if image_size else (images, 1280)
+    img = torch.randn(shape, device=device, requires_grad=True)
+    txt = torch.randn(images, 384, device=device, requires_grad=True)
+    lr = torch.tensor(c.lr_init, device=device, requires_grad=True)
+    opts = [torch.optim.SGD([x], lr=1e-3) for x in (img, txt, lr)]
+
+    def iteration():
+        tm_iteration(student, frozen, spec, start, target, img, txt, lr, opts, syn_steps=c.syn_steps,
+                     batch=min(c.batch_syn, images), temperature=0.07, min_lr=c.min_lr,
+                     gen=torch.Generator().manual_seed(0), unroll="gram", image_fn=tower)
+
+    _sync(device)
+    rss0 = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    sec = _time(iteration, device, repeats)
+    if device.type == "cuda":
+        mem = {"peak_gib": round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3),
+               "memory": "cuda max_memory_allocated - allocated before"}
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
+    return {"cut": f"frozen-pixels {image_size} px" if image_size else "heads", "images": images,
+            "s_per_iteration": round(sec, 3), **mem}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m methods.tm.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--part", choices=("convs", "unroll", "all"), default="all")
+    ap.add_argument("--part", choices=("convs", "unroll", "frozen", "all"), default="all")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--sizes", default="64,112,224", help="frozen part: the image sizes (the heads cut is always measured)")
     ap.add_argument("--steps", default="5,10,20")
     ap.add_argument("--modes", default="naive,exact,fd")
     ap.add_argument("--depthwise", default="ours", help="comma list of ours,native (the tower's depthwise convolution)")
@@ -222,8 +271,12 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per unroll configuration (it is then reported as timed out)")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE,STEPS,DEPTHWISE in this process
+    ap.add_argument("--one-frozen", type=int, default=None, help=argparse.SUPPRESS)  # internal: IMAGE_SIZE (0 = heads)
     a = ap.parse_args(argv)
     device = torch.device(a.device)
+    if a.one_frozen is not None:
+        print(json.dumps(frozen_one(device, a.one_frozen, a.images, a.repeats)))
+        return 0
     if a.one:
         mode, steps, dw = a.one.split(",")
         print(json.dumps(unroll_one(device, mode, int(steps), a.image_size, a.images, a.repeats, dw, a.autocast, a.flops)))
@@ -269,6 +322,25 @@ def main(argv=None) -> int:
                         with open(a.out, "w") as f:
                             json.dump(out, f, indent=1)
         out["unroll"] = rows
+    if a.part in ("frozen", "all"):
+        rows = []
+        print(f"\nfrozen-pixels tm iteration on {device}: {a.images} pairs, Gram unroll of 20 steps")
+        print(f"{'cut':24s} {'s/iter':>8s} {'peak GiB':>9s}")
+        for size in [0] + [int(x) for x in a.sizes.split(",")]:
+            cmd = [sys.executable, "-m", "methods.tm.profile", "--device", a.device, "--one-frozen", str(size),
+                   "--images", str(a.images), "--repeats", str(a.repeats)]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                lines = res.stdout.strip().splitlines()
+                r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
+                    "cut": size, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+            except subprocess.TimeoutExpired:
+                r = {"cut": size, "error": f"timed out after {a.timeout:g} s"}
+            rows.append(r)
+            print(f"{r['cut']!s:24s} {r['error']}" if "error" in r else
+                  f"{r['cut']:24s} {r['s_per_iteration']:8.3f} {r['peak_gib']:9.3f}")
+            sys.stdout.flush()
+        out["frozen"] = rows
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
