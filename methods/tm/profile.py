@@ -133,6 +133,32 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _measure(fn, device: torch.device, repeats: int) -> tuple[float, float, str]:
+    """Seconds of one call (``_time``) and the peak memory it took, in GiB: CUDA's peak allocated
+    above what was allocated before, or on the CPU the peak RSS above the RSS before."""
+    _sync(device)
+    rss0 = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    sec = _time(fn, device, repeats)
+    if device.type == "cuda":
+        return sec, (torch.cuda.max_memory_allocated(device) - base) / 2**30, "cuda max_memory_allocated - allocated before"
+    return sec, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0) / 1024, "cpu peak RSS (getrusage) - RSS before"
+
+
+def _run_child(cmd: list, timeout, ident: dict) -> dict:
+    """Run one configuration in a fresh process (its peak memory its own): its JSON line, or ``ident``
+    with the error."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**ident, "error": f"timed out after {timeout:g} s"}
+    lines = res.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if res.returncode == 0 and lines else {
+        **ident, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+
+
 def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, images: int, repeats: int,
                depthwise: str, autocast: str = "off", flops: bool = False) -> dict:
     """One configuration, in this process: seconds per iteration and peak memory; with ``flops``, also
@@ -181,21 +207,11 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
             g = torch.autograd.grad(step_loss(t, img[b].detach(), txt[b].detach()), t)[0]
             th = th - 0.01 * g
 
-    _sync(device)
-    rss0 = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     try:
-        sec = _time(iteration, device, repeats)
+        sec, peak, how = _measure(iteration, device, repeats)
     except torch.OutOfMemoryError:
         return {"mode": mode, "steps": steps, "depthwise": depthwise, "error": "out of memory"}
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-        mem = {"peak_gib": round(peak, 2), "memory": "cuda max_memory_allocated - allocated before"}
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
-        mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
+    mem = {"peak_gib": round(peak, 2 if device.type == "cuda" else 3), "memory": how}
     inner = _time(inner_only, device, 1)
     row = {"mode": mode, "steps": steps, "depthwise": depthwise, "autocast": autocast, "image_size": image_size, "images": images,
            "s_per_iteration": round(sec, 3), "inner_steps_s": round(inner, 3), **mem, "n_params": int(theta0.numel())}
@@ -237,20 +253,9 @@ def frozen_one(device: torch.device, image_size: int, images: int, repeats: int)
                      batch=min(c.batch_syn, images), temperature=0.07, min_lr=c.min_lr,
                      gen=torch.Generator().manual_seed(0), unroll="gram", image_fn=tower)
 
-    _sync(device)
-    rss0 = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    sec = _time(iteration, device, repeats)
-    if device.type == "cuda":
-        mem = {"peak_gib": round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3),
-               "memory": "cuda max_memory_allocated - allocated before"}
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
-        mem = {"peak_gib": round(peak / 1024, 3), "memory": "cpu peak RSS (getrusage) - RSS before"}
+    sec, peak, how = _measure(iteration, device, repeats)
     return {"cut": f"frozen-pixels {image_size} px" if image_size else "heads", "images": images,
-            "s_per_iteration": round(sec, 3), **mem}
+            "s_per_iteration": round(sec, 3), "peak_gib": round(peak, 3), "memory": how}
 
 
 def main(argv=None) -> int:
@@ -303,13 +308,7 @@ def main(argv=None) -> int:
                     cmd = [sys.executable, "-m", "methods.tm.profile", "--device", a.device, "--one", f"{mode},{steps},{dw}",
                            "--image-size", str(a.image_size), "--images", str(a.images), "--repeats", str(a.repeats),
                            "--autocast", a.autocast] + (["--flops"] if a.flops else [])
-                    try:
-                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                        lines = res.stdout.strip().splitlines()
-                        r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
-                            "mode": mode, "steps": int(steps), "depthwise": dw, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-                    except subprocess.TimeoutExpired:
-                        r = {"mode": mode, "steps": int(steps), "depthwise": dw, "error": f"timed out after {a.timeout:g} s"}
+                    r = _run_child(cmd, a.timeout, {"mode": mode, "steps": int(steps), "depthwise": dw})
                     rows.append(r)
                     if "error" in r:
                         print(f"{mode:6s} {dw:9s} {steps:>5s} {r['error']}")
@@ -329,13 +328,7 @@ def main(argv=None) -> int:
         for size in [0] + [int(x) for x in a.sizes.split(",")]:
             cmd = [sys.executable, "-m", "methods.tm.profile", "--device", a.device, "--one-frozen", str(size),
                    "--images", str(a.images), "--repeats", str(a.repeats)]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                lines = res.stdout.strip().splitlines()
-                r = json.loads(lines[-1]) if res.returncode == 0 and lines else {
-                    "cut": size, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
-            except subprocess.TimeoutExpired:
-                r = {"cut": size, "error": f"timed out after {a.timeout:g} s"}
+            r = _run_child(cmd, a.timeout, {"cut": size})
             rows.append(r)
             print(f"{r['cut']!s:24s} {r['error']}" if "error" in r else
                   f"{r['cut']:24s} {r['s_per_iteration']:8.3f} {r['peak_gib']:9.3f}")
