@@ -46,7 +46,7 @@ from bench import SCHEMA_VERSION
 from bench.errors import BenchError, NotApplicable
 from bench.executors import ExecutorConfig, Work, make_executor
 from bench.manifest import manifest
-from bench.progress import GridClock, duration
+from bench.progress import GridClock, cut_factor, duration
 from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.protocol.student import StudentConfig
@@ -367,7 +367,7 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
         part = f" (shard {run.shard[0]}/{run.shard[1]}: {len(mine)} of them)" if run.shard else ""
         log(f"protocol {protocol.id}: {protocol.cfg.dataset} (test split: {protocol.dataset.test_split}), "
             f"{len(cells)} cells{part} -> {run.out}")
-        clock = GridClock(_history(run.out, protocol.id))
+        clock = GridClock(_history(run.out, protocol.id), _clock_factor(run))
         recs = _run_cells(mine, protocol, run, executor, log, clock)
         if run.fairness:
             extra = view_cells(mine, recs, protocol, run)
@@ -398,6 +398,11 @@ def _history(out: Path, protocol_id: str) -> list[tuple]:
         if rec and rec.get("status") == "ok" and not rec.get("view") and isinstance(t.get("build_s"), (int, float)):
             rows.append((rec["method"] + rec.get("variant", ""), rec.get("budget"), t["build_s"] + (t.get("eval_s") or 0)))
     return rows
+
+
+def _clock_factor(run: RunConfig) -> float:
+    st = run.protocol.student
+    return cut_factor(st.cut, st.image_size)
 
 
 def _clock_key(c: Cell) -> tuple:
@@ -461,7 +466,7 @@ def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
     pid, ds = planned_protocol(run.protocol, run.cache_dir)
     cells = shard_cells(plan(run, ds.split("train").n_images), run.shard)
     key_id = pid
-    clock = GridClock(_history(run.out, pid))
+    clock = GridClock(_history(run.out, pid), _clock_factor(run))
     log(f"protocol {pid}: {run.protocol.dataset} (test split: {ds.test_split}), {len(cells)} cells -> {run.out}")
     rows: dict = {}
     for c in cells:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.cli import main
-from bench.progress import BUDGET_SCALE, PRIOR_S_AT_100, GridClock, duration
+from bench.progress import BUDGET_SCALE, FROZEN_PIXELS_FACTOR, PRIOR_S_AT_100, GridClock, cut_factor, duration
 
 
 def test_estimates_come_from_measured_cells_then_the_prior():
@@ -41,3 +41,25 @@ def test_another_config_of_a_method_is_timed_on_its_own():
     assert clock.estimate("tm~1234abcd", "distill", 100) == 20.0
     assert clock.estimate("tm", "distill", 100) == PRIOR_S_AT_100["tm"]  # the default's prior, not the small config's
     assert clock.estimate("lors~99", "distill", 100) == PRIOR_S_AT_100["lors"]
+
+
+def test_the_prior_grows_for_distillations_under_frozen_pixels():
+    assert cut_factor("heads") == 1.0 and cut_factor("frozen-pixels", 112) == FROZEN_PIXELS_FACTOR[112]
+    f64, f90, f112 = (cut_factor("frozen-pixels", s) for s in (64, 90, 112))
+    assert f64 < f90 < f112  # between measured sizes: interpolated
+    clock = GridClock(factor=f64)
+    assert clock.estimate("tm", "distill", 100) == pytest.approx(PRIOR_S_AT_100["tm"] * f64)
+    assert clock.estimate("herding", "coreset", 100) == PRIOR_S_AT_100["herding"]  # selection is as under heads
+    assert clock.estimate("full", "reference", None) == PRIOR_S_AT_100["full"]
+    clock.add("tm", 100, 700.0)  # a measured cell of the cut's own protocol is taken as it is
+    assert clock.estimate("tm", "distill", 100) == 700.0
+
+
+def test_dry_run_of_a_frozen_pixels_grid_estimates_more_than_heads(tmp_path, capsys):
+    def tm_row(*extra):
+        assert main(["run", "--dry-run", "--methods", "tm", "--ipc", "100", "--seeds", "1", "--limit", "200,30",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), *extra]) == 0
+        return next(line.split()[-2:] for line in capsys.readouterr().out.splitlines() if line.startswith("tm "))
+
+    assert tm_row() == ["3m", "50s"]  # the 230 s prior
+    assert tm_row("--cut", "frozen-pixels", "--image-size", "64") == ["17m", "38s"]  # 230 s x 4.6
