@@ -63,6 +63,18 @@ def test_onnx_runtime_features_equal_torchs_within_float16_rounding(monkeypatch)
         np.testing.assert_allclose(got, ref, rtol=2 ** -11, atol=1e-5)
 
 
+def test_a_captions_features_do_not_depend_on_its_batch():
+    """The batch size is not in the cache key: a caption's features must be the same whichever
+    captions share its batch (and however much padding that batch has)."""
+    ds = load_dataset("synthetic", limit=(24, 2))
+    caps = ds.split("train").captions[:45] + ["a", "two big blue squares " * 6]
+    enc = get_encoder("minilm_l6", "text")
+    assert enc.batch_size == 32
+    ref = enc.encode(caps)
+    enc.batch_size = 5
+    np.testing.assert_allclose(enc.encode(caps), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_tiny_bert_with_cls_pooling_on_onnx_runtime(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from tests.test_field_encoders import tiny_bert
