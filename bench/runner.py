@@ -370,7 +370,7 @@ def execute(run: RunConfig, log: Callable = print) -> tuple[Protocol, list[dict]
         clock = GridClock(_history(run.out, protocol.id), _clock_factor(run))
         recs = _run_cells(mine, protocol, run, executor, log, clock)
         if run.fairness:
-            extra = view_cells(mine, recs, protocol, run)
+            extra = view_cells(mine, recs, protocol, run, planned=cells)
             if extra:
                 log(f"fairness views: {len(extra)} more cells (random under the sets' own treatment, "
                     f"random and herding at the sets' bytes)")
@@ -500,13 +500,15 @@ def treatment_of(rec: dict, lr_policy: str) -> Optional[dict]:
             "lr_text": lr_text, "recipe": recipe}
 
 
-def view_cells(cells: list[Cell], recs: list[dict], protocol: Protocol, run: RunConfig) -> list[Cell]:
+def view_cells(cells: list[Cell], recs: list[dict], protocol: Protocol, run: RunConfig,
+               planned: Optional[list[Cell]] = None) -> list[Cell]:
     """The cells the fairness views need once ``cells`` are done (``recs``, in the same order): for
     each finished distilled set with a treatment, random pairs of its budget and seed under that
     treatment; for each set whose learned extras take bytes beyond its pairs, random and herding
-    with ``floor(storage_bytes / pair_bytes)`` pairs (same seed), unless the grid has them."""
+    with ``floor(storage_bytes / pair_bytes)`` pairs (same seed), unless the grid (``planned``, the
+    whole plan when ``cells`` are one shard's) has them."""
     rnd, herd = METHODS.get("random"), METHODS.get("herding")
-    have = {(c.method, c.variant, c.budget, c.selection_seed) for c in cells}
+    have = {(c.method, c.variant, c.budget, c.selection_seed) for c in (planned or cells)}
     out: list[Cell] = []
     bpp, n_train = pair_bytes(protocol), protocol.train.n_images
     for c, rec in zip(cells, recs):

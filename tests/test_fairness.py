@@ -95,6 +95,11 @@ def test_bytes_matched_coresets_have_floor_bytes_over_pair_bytes_pairs(tiny_prot
     planned = view_cells(cells, recs, tiny_protocol, RunConfig())
     bytes_cells = sorted((c.method, c.budget, c.selection_seed) for c in planned if c.view == "bytes")
     assert bytes_cells == [("herding", 10, 1), ("herding", 13, 0), ("random", 10, 1), ("random", 13, 0)]
+    # one shard's sets: a coreset cell that another shard of the same plan runs is not planned again
+    other_shard = [Cell("random", 10, 1, [1], method_config(METHODS.get("random"), {}))]
+    again = view_cells(cells, recs, tiny_protocol, RunConfig(), planned=cells + other_shard)
+    assert sorted((c.method, c.budget, c.selection_seed) for c in again if c.view == "bytes") == \
+        [("herding", 10, 1), ("herding", 13, 0), ("random", 13, 0)]
     treated = [c for c in planned if c.view == "treated"]
     assert [(c.method, c.budget, c.selection_seed) for c in treated] == [("random", 10, 0), ("random", 10, 1)]
     assert treated[0].treatment | {} == {"of": "lors", "variant": "", "of_label": "", "source_key": "k0", "lr": 0.5,
