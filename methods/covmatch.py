@@ -33,7 +33,8 @@ from bench.protocol.student import contrastive_loss
 from bench.protocol.training import PairSet
 from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.random_subset import random_pairs
-from methods.trajectory_matching import AUTO, CHECK_SEED, holdout_images
+from methods.holdout import HeldOut
+from methods.trajectory_matching import AUTO
 
 # the paper's settings per budget (Flickr30K): ρ, λ, iterations, synthetic batch (0 = the whole set)
 COVMATCH_TABLE = {100: dict(rho=2.0, lam=0.1, iterations=10_000, batch_syn=0),
@@ -109,12 +110,8 @@ class CovMatch:
         rng = np.random.default_rng(seed)
         tr = p.train
         cap = tr.caption_image.numpy()
-        if c.keep == "holdout":
-            held = holdout_images(tr.n_images, budget, c.holdout_images)
-            holdout = tr.images_subset(held)
-            rest = np.setdiff1d(np.arange(tr.n_images), held)
-        else:
-            rest = np.arange(tr.n_images)
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        rest = ho.rest if ho is not None else np.arange(tr.n_images)
         init = random_pairs(cap, budget, rng, images=rng.choice(rest, size=budget, replace=False))
         real = np.flatnonzero(np.isin(cap, rest))
         j = torch.as_tensor(init)
@@ -124,19 +121,16 @@ class CovMatch:
                               momentum=c.momentum)
         temp = p.cfg.student.temperature
         bs = budget if c.batch_syn in (0, AUTO) or c.batch_syn >= budget else c.batch_syn
-        curve, kept, losses, t0 = [], (float("inf"), c.iterations, None), [], time.time()
+        losses, t0 = [], time.time()
 
-        def check(it: int, kept: tuple) -> tuple:
+        def check(it: int) -> None:
             state = (syn_img.detach().clone(), syn_txt.detach().clone())
-            with torch.random.fork_rng(devices=[]):
-                score = p.evaluate(PairSet.aligned(*state), [CHECK_SEED + seed], split=holdout)[0]["mean"]
-            curve.append((it, round(score, 2)))
-            return (-score, it, state) if -score < kept[0] else kept
+            ho.check(it, state, PairSet.aligned(*state))
 
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
-            if c.keep == "holdout":
-                kept = check(0, kept)
+            if ho is not None:
+                check(0)
             for it in range(c.iterations):
                 if it % c.reset_every == 0:  # the online projections start afresh
                     online = p.fresh_student(int(rng.integers(2**31)))
@@ -157,21 +151,21 @@ class CovMatch:
                 online_opt.zero_grad(set_to_none=True)  # one step of the online student on real data
                 contrastive_loss(*online(r_img, r_txt), temp).backward()
                 online_opt.step()
-                if c.keep == "holdout" and ((it + 1) % c.check_every == 0 or it + 1 == c.iterations):
-                    kept = check(it + 1, kept)
+                if ho is not None and ho.due(it + 1):
+                    check(it + 1)
                 bar.update(1)
                 if it % 100 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}", **({"held_out": curve[-1][1]} if curve else {}))
+                    bar.set_postfix(loss=f"{loss.item():.4g}", **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
         kept_it, final = c.iterations, (syn_img.detach(), syn_txt.detach())
-        if c.keep == "holdout" and kept[2] is not None:
-            _, kept_it, final = kept
+        if ho is not None:
+            kept_it, final = ho.result(kept_it, final)
         k = max(1, min(50, len(losses) // 4))
         info = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                 "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "init_caption_indices": init.tolist(),
                 "seconds_per_iteration": round((time.time() - t0) / c.iterations, 4),
                 "resolved": {f: getattr(c, f) for f in c.AUTO_FIELDS}}
-        if c.keep == "holdout":
-            info["holdout_images"], info["holdout_curve"] = len(held), curve
+        if ho is not None:
+            info.update(ho.info())
         ctx.log(f"  {self.name}: loss {info['loss_first']:.4g} -> {info['loss_last']:.4g}, "
                 f"kept iteration {kept_it}, {info['seconds']} s")
         return Artifact("synthetic", image=final[0].cpu(), text=final[1].cpu(), info=info)

@@ -36,7 +36,7 @@ from datasets.features import default_cache_dir
 from methods.base import Artifact, MethodContext, register_method
 from methods.coreset_features import candidate_features, check_budget
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, trainable, unflatten
-from methods.trajectory_matching import CHECK_SEED, holdout_images
+from methods.holdout import HeldOut
 
 ARCCOS_EPS = 1e-6  # inner products are clamped to [-1 + eps, 1 - eps]: arccos has an infinite slope at ±1
 
@@ -170,12 +170,8 @@ class MDM:
 
         tr = p.train
         cap = tr.caption_image.numpy()
-        if c.keep == "holdout":
-            held = holdout_images(tr.n_images, budget, c.holdout_images)
-            holdout = tr.images_subset(held)
-            rest = np.setdiff1d(np.arange(tr.n_images), held)
-        else:
-            rest = np.arange(tr.n_images)
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        rest = ho.rest if ho is not None else np.arange(tr.n_images)
         x, caps = candidate_features(p.features_train)
         check_budget(budget, len(rest), "mdm")
         if c.init == "kmeans":
@@ -190,14 +186,11 @@ class MDM:
         opt = torch.optim.SGD([{"params": [syn_img], "lr": c.lr_image}, {"params": [syn_txt], "lr": c.lr_text}],
                               momentum=c.momentum)
         temp = p.cfg.student.temperature
-        curve, kept, losses = [], (float("inf"), c.iterations, None), []
+        losses = []
 
-        def check(it: int, kept: tuple) -> tuple:
+        def check(it: int) -> None:
             state = (syn_img.detach().clone(), syn_txt.detach().clone())
-            with torch.random.fork_rng(devices=[]):
-                score = p.evaluate(PairSet.aligned(*state), [CHECK_SEED + seed], split=holdout)[0]["mean"]
-            curve.append((it, round(score, 2)))
-            return (-score, it, state) if -score < kept[0] else kept
+            ho.check(it, state, PairSet.aligned(*state))
 
         def teacher() -> dict:
             """This iteration's interpolated teacher, as parameters for ``functional_call``."""
@@ -212,8 +205,8 @@ class MDM:
 
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
-            if c.keep == "holdout":
-                kept = check(0, kept)
+            if ho is not None:
+                check(0)
             for it in range(c.iterations):
                 params = teacher()
                 b = torch.as_tensor(rng.permutation(budget)[:c.batch_syn]).to(dev)
@@ -231,21 +224,21 @@ class MDM:
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"mdm diverged at iteration {it}")
                 losses.append(loss.item())
-                if c.keep == "holdout" and ((it + 1) % c.check_every == 0 or it + 1 == c.iterations):
-                    kept = check(it + 1, kept)
+                if ho is not None and ho.due(it + 1):
+                    check(it + 1)
                 bar.update(1)
                 if it % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", **({"held_out": curve[-1][1]} if curve else {}))
+                    bar.set_postfix(loss=f"{loss.item():.3f}", **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
         kept_it, final = c.iterations, (syn_img.detach(), syn_txt.detach())
-        if c.keep == "holdout" and kept[2] is not None:
-            _, kept_it, final = kept
+        if ho is not None:
+            kept_it, final = ho.result(kept_it, final)
         k = max(1, min(50, len(losses) // 4))
         info = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                 "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "init_seconds": init_s,
                 "experts_key": buffer.key, "init_caption_indices": init.tolist(),
                 "seconds_per_iteration": round((time.time() - t0) / c.iterations, 4)}
-        if c.keep == "holdout":
-            info["holdout_images"], info["holdout_curve"] = len(held), curve
+        if ho is not None:
+            info.update(ho.info())
         ctx.log(f"  {self.name}: loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}, "
                 f"kept iteration {kept_it}, {info['seconds']} s")
         return Artifact("synthetic", image=final[0].cpu(), text=final[1].cpu(), info=info)

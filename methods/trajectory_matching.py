@@ -78,25 +78,13 @@ from methods.tm.lora import cheaper as lora_is_cheaper, lora_meta_backward, lora
 from methods.tm.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
 from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
+from methods.holdout import CHECK_SEED, HeldOut, holdout_images  # noqa: F401 (CHECK_SEED, holdout_images: re-exported)
 from methods.random_subset import random_pairs
 
 
 KEEP = ("holdout", "best", "last")
 AUTO = -1  # a LoRS-family setting at this value takes the paper's default for the budget (``resolved``)
-HOLDOUT_SEED = 2_024  # the held-out train images are the same for every budget, seed and variant
-MIN_HOLDOUT = 8
-CHECK_SEED = 1_000  # + the selection seed: a check's student is not initialised like an eval seed's
 CLIP_HISTORY, CLIP_WARMUP = 50, 10  # grad_clip: the median of the last 50 norms, once 10 are known
-
-
-def holdout_images(n_images: int, budget: int, wanted: int) -> np.ndarray:
-    """Train images held out for ``keep="holdout"``: ``min(wanted, n_images // 5, n_images - budget)``
-    drawn from a fixed seed, so that ``budget`` images are left to initialise the set from."""
-    n = min(wanted, n_images // 5, n_images - budget)
-    if n < MIN_HOLDOUT:
-        raise BenchError(f"tm keep=holdout needs {MIN_HOLDOUT} held-out train images beside the {budget} "
-                         f"initial ones, and the train split has {n_images} images; use --set <method>.keep=best")
-    return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n_images, size=n, replace=False))
 
 
 @dataclass(frozen=True)
@@ -371,11 +359,9 @@ class TrajectoryMatching:
 
         rng = np.random.default_rng(seed)
         cap = p.train.caption_image.numpy()
-        if c.keep == "holdout":  # the set starts from images outside the held-out part
-            held = holdout_images(p.train.n_images, budget, c.holdout_images)
-            holdout = p.train.images_subset(held)
-            rest = np.setdiff1d(np.arange(p.train.n_images), held)
-            init = random_pairs(cap, budget, rng, images=rng.choice(rest, size=budget, replace=False))
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        if ho is not None:  # the set starts from images outside the held-out part
+            init = random_pairs(cap, budget, rng, images=rng.choice(ho.rest, size=budget, replace=False))
         else:
             init = random_pairs(cap, budget, rng)
         j = torch.as_tensor(init)
@@ -416,9 +402,8 @@ class TrajectoryMatching:
         losses, t0, rss_early = [], time.time(), _rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        # the kept set: (criterion, lower is better; iteration; its state, see snapshot)
+        # keep="best": (25-iteration mean matching loss; iteration; its state, see snapshot); holdout: ho.kept
         kept = (float("inf"), c.iterations, None)
-        curve = []  # keep="holdout": (iteration, mean recall on the held-out images of a student trained on the set)
         backoffs = []  # iterations at which the best set was restored and the data lr cut
 
         learned = {"img": syn_img, "txt": syn_txt, "lr": syn_lr, "lr_txt": lr_txt,
@@ -436,13 +421,9 @@ class TrajectoryMatching:
             return (PairSet.aligned(state["img"], state["txt"], float(state["lr"]), lr_t, targets),
                     None if targets is None else {"loss": "wbce"})
 
-        def check(it: int, kept: tuple) -> tuple:
+        def check(it: int) -> float:
             state = snapshot()
-            pairs, recipe = as_set(state)  # scored natively: the set's own loss and targets
-            with torch.random.fork_rng(devices=[]):
-                score = p.evaluate(pairs, [CHECK_SEED + seed], split=holdout, recipe=recipe)[0]["mean"]
-            curve.append((it, round(score, 2)))
-            return (-score, it, state) if -score < kept[0] else kept  # ties keep the earlier set
+            return ho.check(it, state, *as_set(state))  # scored natively: the set's own loss and targets
 
         norms = {id(x): deque(maxlen=CLIP_HISTORY) for x in (syn_img, syn_txt)}
         clipped = []  # (iteration, tensor, norm / cap) of every clipped gradient
@@ -475,8 +456,8 @@ class TrajectoryMatching:
 
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
-            if c.keep == "holdout":
-                kept = check(0, kept)
+            if ho is not None:
+                check(0)
             for it in range(c.iterations):
                 traj = trajectories[int(rng.integers(len(trajectories)))]
                 t = int(rng.integers(c.max_start_epoch))
@@ -497,19 +478,21 @@ class TrajectoryMatching:
                     window = float(np.mean(losses[-25:]))
                     if window < kept[0]:  # the method's own objective
                         kept = (window, it + 1, snapshot())
-                if c.keep == "holdout" and ((it + 1) % c.check_every == 0 or it + 1 == c.iterations):
-                    kept = check(it + 1, kept)  # scored on held-out train images, never on val or test
-                    if curve[-1][1] < c.backoff_below * -kept[0] and it + 1 < c.iterations:  # a collapse: back to the best set, slower
-                        backoff(kept)
+                if ho is not None and ho.due(it + 1):
+                    score = check(it + 1)  # scored on held-out train images, never on val or test
+                    if round(score, 2) < c.backoff_below * -ho.kept[0] and it + 1 < c.iterations:  # a collapse: back to the best set, slower
+                        backoff(ho.kept)
                         backoffs.append(it + 1)
                 if it == max(1, c.iterations // 10):
                     rss_early = _rss_mb()
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}",
-                                    **({"held_out": curve[-1][1]} if curve else {}))
+                                    **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
         kept_it, final = c.iterations, snapshot()
-        if c.keep != "last" and kept[2] is not None:
+        if ho is not None:
+            kept_it, final = ho.result(kept_it, final)
+        elif c.keep == "best" and kept[2] is not None:
             _, kept_it, final = kept
         final_set, _ = as_set(final)
         k = max(1, min(50, len(losses) // 4))
@@ -520,8 +503,8 @@ class TrajectoryMatching:
                 "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
         if c.grad_clip > 0:
             info["clipped"] = clipped
-        if c.keep == "holdout":
-            info["holdout_images"], info["holdout_curve"], info["backoffs"] = len(held), curve, backoffs
+        if ho is not None:
+            info.update(ho.info(), backoffs=backoffs)
         if dev.type == "cuda":
             info["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if c is not self.config:  # per-budget defaults: what was used
