@@ -65,7 +65,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from bench.errors import BenchError
@@ -73,7 +72,7 @@ from bench.progress import progress
 from bench.protocol.student import contrastive_loss, wbce_loss
 from bench.protocol.training import PairSet, SimilarityTargets
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, tower_lr_scale, trainable, unflatten
-from methods.tm.gram import cheaper as gram_is_cheaper, gram_meta_backward, supports as gram_supports
+from methods.tm.gram import InfoNCEHeads, cheaper as gram_is_cheaper, gram_meta_backward, supports as gram_supports
 from methods.tm.lora import cheaper as lora_is_cheaper, lora_meta_backward, lora_scaling, supports as lora_supports
 from methods.tm.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
@@ -296,8 +295,7 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
             return wbce_loss(img_e, txt_e, similarity_block(*sim, targets[3]), temperature)
         return contrastive_loss(img_e, txt_e, temperature)
 
-    def head_loss(z_img, z_txt):  # gram: the same loss from the heads' pre-activations
-        return contrastive_loss(F.normalize(z_img, dim=-1), F.normalize(z_txt, dim=-1), temperature)
+    head_loss = InfoNCEHeads(temperature)  # gram and lora: the same loss from the heads' pre-activations
 
     for o in opts:
         o.zero_grad(set_to_none=True)

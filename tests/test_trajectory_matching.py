@@ -256,11 +256,12 @@ def test_default_data_update_is_the_papers_sgd_and_its_first_step_is_linear_in_t
         build("test_tm", tiny_protocol, cache, data_optimizer="rmsprop")
 
 
-def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, learn_text, fast):
+def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, learn_text, fast, closed_form=False):
     """Float64 meta-gradients of one 4-step unroll of ``model`` (flat trainable parameters at
     ``theta0``, plus ``frozen``) on random data drawn from ``g``: through ``meta_backward(naive)`` and
-    through ``fast(head_loss, data, batches, lr, outer)``. Returns ``[(loss, image grad, text grad,
-    lr grad)]`` for naive then fast, and the batches."""
+    through ``fast(head_loss, data, batches, lr, outer)``, ``head_loss`` a plain function (autograd's
+    inner gradient) or, with ``closed_form``, ``InfoNCEHeads``. Returns ``[(loss, image grad, text
+    grad, lr grad)]`` for naive then fast, and the batches."""
     import torch.nn.functional as F
     from torch.func import functional_call
     from bench.protocol.student import contrastive_loss
@@ -278,6 +279,10 @@ def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, le
     def head_loss(zi, zt):
         return contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
 
+    if closed_form:
+        from methods.tm.gram import InfoNCEHeads
+        head_loss = InfoNCEHeads(0.07)
+
     got = []
     for use_fast in (False, True):
         img, txt = img0.clone().requires_grad_(True), txt0.clone().requires_grad_(learn_text)
@@ -290,11 +295,12 @@ def naive_and_fast_meta_gradients(model, frozen, theta0, target, g, n, batch, le
     return got, batches
 
 
+@pytest.mark.parametrize("closed_form", [False, True])
 @pytest.mark.parametrize("n,batch,learn_text", [(12, 12, True), (12, 5, True), (12, 5, False)])
-def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
+def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text, closed_form):
     """The Gram-space unroll of linear heads is the naive unrolled graph's mathematics: the same
     outer loss and gradients (float64), with full batches, minibatches that leave rows out, and one
-    side fixed."""
+    side fixed; with the inner gradient from autograd and in closed form."""
     from methods.tm.gram import gram_meta_backward
     from bench.protocol.student import StudentConfig, build_student
 
@@ -305,7 +311,8 @@ def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
     got, batches = naive_and_fast_meta_gradients(
         student, {}, theta0, target, g, n, batch, learn_text,
-        lambda head_loss, data, batches, lr, outer: gram_meta_backward(head_loss, theta0, spec, data, batches, lr, outer))
+        lambda head_loss, data, batches, lr, outer: gram_meta_backward(head_loss, theta0, spec, data, batches, lr, outer),
+        closed_form)
     (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
     assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
     if batch < n:  # a row no batch drew gets no gradient in either
@@ -314,6 +321,30 @@ def test_gram_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     assert torch.allclose(l, l_ref, rtol=1e-12)
     assert torch.allclose(i, i_ref, rtol=1e-9, atol=1e-12) and torch.allclose(a, a_ref, rtol=1e-9)
     assert (t is None and t_ref is None) if not learn_text else torch.allclose(t, t_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_infonce_gradient_is_autograds():
+    """InfoNCEHeads.grad is the gradient of the normalised symmetric InfoNCE (float64), and its own
+    derivative (the unroll's second order) is autograd's double backward: compared as a
+    Hessian-vector product."""
+    import torch.nn.functional as F
+    from bench.protocol.student import contrastive_loss
+    from methods.tm.gram import InfoNCEHeads
+
+    g = torch.Generator().manual_seed(3)
+    zi, zt = (torch.randn(7, 5, generator=g, dtype=torch.double).mul(3).requires_grad_(True) for _ in range(2))
+    heads = InfoNCEHeads(0.07)
+    loss = contrastive_loss(F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), 0.07)
+    assert heads(zi, zt).item() == pytest.approx(loss.item(), rel=1e-12)
+    ref = torch.autograd.grad(loss, (zi, zt), create_graph=True)
+    got = heads.grad(zi, zt)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    w = [torch.randn(7, 5, generator=g, dtype=torch.double) for _ in range(2)]
+    hv_ref = torch.autograd.grad(sum((r * v).sum() for r, v in zip(ref, w)), (zi, zt))
+    hv = torch.autograd.grad(sum((r * v).sum() for r, v in zip(got, w)), (zi, zt))
+    for a, b in zip(hv, hv_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_auto_unroll_picks_gram_only_for_linear_heads_where_it_is_cheaper():
@@ -342,8 +373,9 @@ def test_tm_records_the_gram_unroll_and_matches_naive_closely(tiny_protocol, cac
     assert a.lr == pytest.approx(b.lr, rel=1e-4)
 
 
+@pytest.mark.parametrize("closed_form", [False, True])
 @pytest.mark.parametrize("n,batch,learn_text", [(12, 12, True), (12, 5, False)])
-def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
+def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text, closed_form):
     """The LoRA-heads unroll (base layer computed once per unroll) is the naive unrolled graph of the
     peft-wrapped student: the same outer loss and gradients (float64), adapters started away from
     peft's B = 0, with minibatches and with the text side fixed."""
@@ -360,7 +392,8 @@ def test_lora_unroll_gives_the_naive_meta_gradient(n, batch, learn_text):
     target = theta0 + 0.3 * torch.randn(theta0.shape, generator=g, dtype=torch.double)
     got, _ = naive_and_fast_meta_gradients(
         model, frozen, theta0, target, g, n, batch, learn_text,
-        lambda head_loss, data, batches, lr, outer: lora_meta_backward(head_loss, theta0, spec, frozen, 1.5, data, batches, lr, outer))
+        lambda head_loss, data, batches, lr, outer: lora_meta_backward(head_loss, theta0, spec, frozen, 1.5, data, batches, lr, outer),
+        closed_form)
     (l_ref, i_ref, t_ref, a_ref), (l, i, t, a) = got
     assert torch.isfinite(l_ref) and l_ref > 0 and i_ref.abs().sum() > 0 and a_ref != 0
     assert torch.allclose(l, l_ref, rtol=1e-12)

@@ -17,16 +17,58 @@ the final ``θ_N`` is assembled explicitly and given to the same outer loss.
 
 Only for plain linear heads without a tower, LoRA or dropout (the caller checks, see
 ``supports``); everything else uses ``methods/tm/unroll.py``.
+
+The inner loss's gradient ``G`` (``InfoNCEHeads``: normalise, symmetric InfoNCE) is written in closed
+form, so a step records a dozen operations instead of autograd's double-backward graph of the loss;
+an unrolled step is made of many small operations on ``|B| × d_out`` tensors, so their number is what
+a step costs on a CPU.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from bench.protocol.student import contrastive_loss
 from methods.tm.experts import unflatten
 
 HEADS = ("image_head", "text_head")  # the data tensors, in order, feed these heads
+
+
+class InfoNCEHeads:
+    """The inner loss on one batch's pre-activations, ``contrastive_loss`` of the L2-normalised
+    embeddings, and its gradient with respect to them in closed form (``grad``, differentiable):
+
+        u = z_v / |z_v|, v = z_t / |z_t|, L = u vᵀ / T, D = (softmax_rows(L) + softmax_cols(L) − 2I) / (2BT)
+        ∂ℓ/∂u = D v, ∂ℓ/∂v = Dᵀ u, ∂ℓ/∂z = (g − x (x · g)) / |z| per row (x = u or v, g its gradient)
+
+    (as ``F.normalize`` for any row with |z| above its 1e-12 floor)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(F.normalize(z_img, dim=-1), F.normalize(z_txt, dim=-1), self.temperature)
+
+    def grad(self, z_img: torch.Tensor, z_txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_img = z_img.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        n_txt = z_txt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        u, v = z_img / n_img, z_txt / n_txt
+        logits = (u @ v.T) / self.temperature
+        b = len(logits)
+        scale = 0.5 / (b * self.temperature)
+        d = (logits.softmax(1) + logits.softmax(0)) * scale - torch.eye(b, dtype=u.dtype, device=u.device) * (2 * scale)
+        g_u, g_v = d @ v, d.T @ u
+        return (g_u - u * (u * g_u).sum(-1, keepdim=True)) / n_img, (g_v - v * (v * g_v).sum(-1, keepdim=True)) / n_txt
+
+
+def head_grads(head_loss: Callable, zs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """``∂ head_loss / ∂ zs``, differentiable: in closed form where the loss has one (``grad``),
+    else through autograd's double-backward graph."""
+    if hasattr(head_loss, "grad"):
+        return head_loss.grad(*zs)
+    return torch.autograd.grad(head_loss(*zs), zs, create_graph=True)
 
 
 def supports(spec: list) -> bool:
@@ -45,7 +87,8 @@ def gram_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Ten
                        outer_loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``meta_backward`` (same contract: accumulates into ``.grad`` of ``lr`` and of each data
     tensor that requires grad; returns the detached outer loss) for linear heads.
-    ``head_loss(z_image, z_text)`` is the inner loss on one batch's pre-activations."""
+    ``head_loss(z_image, z_text)`` is the inner loss on one batch's pre-activations (an
+    ``InfoNCEHeads`` for its closed-form gradient)."""
     if not supports(spec):
         raise ValueError(f"the Gram unroll needs linear heads only, got parameters {[n for n, _ in spec]}")
     params = unflatten(theta0.detach(), spec)
@@ -56,7 +99,7 @@ def gram_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Ten
                       "a": x.new_zeros(len(x), w0.shape[0]), "g": x.new_zeros(w0.shape[0])})
     for b in batches:
         zs = [h["p"][b] + h["b0"] - lr * h["g"] - lr * (h["k"][b] @ h["a"]) for h in heads]
-        grads = torch.autograd.grad(head_loss(*zs), zs, create_graph=True)
+        grads = head_grads(head_loss, zs)
         for h, g in zip(heads, grads):
             h["a"] = h["a"].index_add(0, b, g)
             h["g"] = h["g"] + g.sum(0)

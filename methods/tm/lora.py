@@ -56,7 +56,8 @@ def lora_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Ten
                        lr: torch.Tensor, outer_loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``meta_backward`` (same contract: accumulates into ``.grad`` of ``lr`` and of each data tensor
     that requires grad; returns the detached outer loss) for LoRA heads. ``frozen`` holds the base
-    weights by name; ``head_loss(z_image, z_text)`` is the inner loss on one batch's pre-activations."""
+    weights by name; ``head_loss(z_image, z_text)`` is the inner loss on one batch's pre-activations
+    (an ``InfoNCEHeads`` for its closed-form gradient, ``methods/tm/gram.py``)."""
     if not supports(spec):
         raise ValueError(f"the LoRA unroll needs LoRA adapters on linear heads only, got parameters {[n for n, _ in spec]}")
     params = unflatten(theta0.detach(), spec)
@@ -66,8 +67,13 @@ def lora_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Ten
         heads.append({"x": x, "p": x @ frozen[k["w"]].T + frozen[k["b"]],
                       "A": params[k["A"]].clone().requires_grad_(True), "B": params[k["B"]].clone().requires_grad_(True)})
     for b in batches:
-        zs = [h["p"][b] + scaling * ((h["x"][b] @ h["A"].T) @ h["B"].T) for h in heads]
-        grads = torch.autograd.grad(head_loss(*zs), [t for h in heads for t in (h["A"], h["B"])], create_graph=True)
+        low = [h["x"][b] @ h["A"].T for h in heads]  # [|B|, r]
+        zs = [h["p"][b] + scaling * (t @ h["B"].T) for h, t in zip(heads, low)]
+        if hasattr(head_loss, "grad"):  # closed form: dz -> dB = s dzᵀ (x Aᵀ), dA = s (dz B)ᵀ x
+            grads = [g for h, t, dz in zip(heads, low, head_loss.grad(*zs))
+                     for g in (scaling * (dz @ h["B"]).T @ h["x"][b], scaling * dz.T @ t)]
+        else:
+            grads = torch.autograd.grad(head_loss(*zs), [t for h in heads for t in (h["A"], h["B"])], create_graph=True)
         for i, h in enumerate(heads):
             h["A"], h["B"] = h["A"] - lr * grads[2 * i], h["B"] - lr * grads[2 * i + 1]
     loss = outer_loss(torch.cat([h[k].reshape(-1) for h in heads for k in ("A", "B")]))
