@@ -9,6 +9,9 @@ unroll). The expert trajectory is a fake one of the real shape ([expert epochs +
 parameters] float16, a seeded random walk from the student's initialisation): timing does not depend
 on its values.
 
+The inner gradient of the Gram and LoRA unrolls at 100 pairs, from autograd's double-backward graph
+of the loss against the closed form the methods use (``InfoNCEHeads``, ``methods/tm/gram.py``).
+
 The frozen-pixels cut (``--cut frozen-pixels``) at 64 and 112 px: the same gram iteration with the
 synthetic images as pixels seen through the frozen EfficientNet-Lite0 tower (``image_fn``: one tower
 forward, the unroll on its features, one backward into the pixels).
@@ -56,6 +59,20 @@ def test_bench_tm_iteration(benchmark, expert, n_pairs, unroll):
 @pytest.mark.parametrize("n_pairs", [100, 1000])
 def test_bench_tm_lora_iteration(benchmark, lora_expert, n_pairs, unroll):
     run_iteration(benchmark, lora_expert, n_pairs, unroll)
+
+
+@pytest.mark.benchmark(group="tm_inner_gradient")
+@pytest.mark.parametrize("inner", ["autograd", "closed_form"])
+@pytest.mark.parametrize("unroll", ["gram", "lora"])
+def test_bench_tm_inner_gradient(benchmark, expert, lora_expert, monkeypatch, unroll, inner):
+    import torch.nn.functional as F
+    import methods.trajectory_matching as tm_module
+    from bench.protocol.student import contrastive_loss
+
+    if inner == "autograd":  # a plain loss function: the unrolls take its gradient through autograd
+        monkeypatch.setattr(tm_module, "InfoNCEHeads", lambda t: lambda zi, zt: contrastive_loss(
+            F.normalize(zi, dim=-1), F.normalize(zt, dim=-1), t))
+    run_iteration(benchmark, expert if unroll == "gram" else lora_expert, 100, unroll)
 
 
 @pytest.mark.benchmark(group="tm_frozen_pixels")
