@@ -65,6 +65,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from bench.errors import BenchError
@@ -168,9 +169,9 @@ class TMConfig:
             raise BenchError(f"tm match must be joint or per_head, not {self.match!r}")
         if self.targets_rank < 0 and self.targets_rank != AUTO:
             raise BenchError(f"tm targets_rank must be >= 0, not {self.targets_rank}")
-        if self.extended and self.unroll not in ("auto", "naive"):
-            raise BenchError("learned targets, per-tower step sizes and blending unroll in naive mode only "
-                             f"(unroll=auto or naive, not {self.unroll!r})")
+        if self.extended and self.unroll not in ("auto", "naive", "gram"):
+            raise BenchError("learned targets, per-tower step sizes and blending unroll in naive or gram mode only "
+                             f"(unroll=auto, naive or gram, not {self.unroll!r})")
 
     @property
     def extended(self) -> bool:
@@ -178,17 +179,17 @@ class TMConfig:
         return self.targets_rank != 0 or self.tower_lrs or self.blend or self.match != "joint"
 
     def unroll_mode(self, cut: str, spec: list, budget: int) -> str:
-        """``auto``: exact under pixels; under heads gram (linear heads, when it costs fewer
-        multiply-adds per step than naive), lora (LoRA on linear heads, when the budget is below the
-        rows an unroll draws) or naive."""
+        """``auto``: exact under pixels (naive for the LoRS family); under heads gram (linear heads,
+        when it costs fewer multiply-adds per step than naive), lora (LoRA on linear heads, when the
+        budget is below the rows an unroll draws) or naive."""
         if self.unroll == "gram" and (cut != "heads" or not gram_supports(spec)):
             raise BenchError("tm unroll=gram needs the heads cut with linear heads and no LoRA")
         if self.unroll == "lora" and (cut != "heads" or not lora_supports(spec)):
             raise BenchError("tm unroll=lora needs the heads cut with LoRA on linear heads (tm_lora)")
         if self.unroll != "auto":
             return self.unroll
-        if self.extended:
-            return "naive"
+        if self.extended:  # LoRS's targets and step sizes, blending: gram or naive
+            return "gram" if cut == "heads" and gram_supports(spec) and gram_is_cheaper(spec, budget) else "naive"
         if cut != "heads":
             return "exact"
         if gram_supports(spec) and gram_is_cheaper(spec, budget):
@@ -236,11 +237,17 @@ def head_groups(is_text: torch.Tensor) -> list:
     return [~is_text, is_text]
 
 
+def blend_draw(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's blend: ``λ ~ Beta(1, 1)`` and a permutation of ``n`` (torch's generator, seeded per cell)."""
+    lam = torch.distributions.Beta(1.0, 1.0).sample().to(device)
+    return lam, torch.randperm(n).to(device)
+
+
 def blend_pairs(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RepBlend's representation blending: ``λx + (1 − λ)x[π]`` with one ``λ ~ Beta(1, 1)`` and one
-    permutation ``π`` for both sides (drawn from torch's generator, seeded per cell)."""
-    lam = torch.distributions.Beta(1.0, 1.0).sample().to(img.device)
-    perm = torch.randperm(len(img)).to(img.device)
+    """RepBlend's representation blending: ``λx + (1 − λ)x[π]`` with one ``λ`` and one permutation
+    ``π`` for both sides (``blend_draw``)."""
+    lam, perm = blend_draw(len(img), img.device)
+    lam = lam.to(img.dtype)  # 1 − λ in the data's precision
     return lam * img + (1 - lam) * img[perm], lam * txt + (1 - lam) * txt[perm]
 
 
@@ -296,18 +303,25 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
         return contrastive_loss(img_e, txt_e, temperature)
 
     head_loss = InfoNCEHeads(temperature)  # gram and lora: the same loss from the heads' pre-activations
+    if targets is not None:
+        def head_loss(z_img, z_txt, *sim):  # noqa: F811 (LoRS's WBCE against the batch's block of targets)
+            return wbce_loss(F.normalize(z_img, dim=-1), F.normalize(z_txt, dim=-1), similarity_block(*sim, targets[3]),
+                             temperature)
 
     for o in opts:
         o.zero_grad(set_to_none=True)
     outer = lambda theta: matching_loss(theta, start, target, groups)  # noqa: E731
-    if targets is not None or lr_text is not None or blend or groups is not None:
+    extended = targets is not None or lr_text is not None or blend or groups is not None
+    if unroll == "gram":
+        loss = gram_meta_backward(head_loss, start, spec, [syn_img, syn_txt], batches, syn_lr, outer,
+                                  extra=[] if targets is None else targets[:3], lr_text=lr_text,
+                                  mix=(lambda n: blend_draw(n, start.device)) if blend else None)
+    elif extended:
         if unroll != "naive":
-            raise ValueError("learned targets, per-tower step sizes, blending and per-head matching unroll naively")
+            raise ValueError("learned targets, per-tower step sizes, blending and per-head matching unroll naively or by gram")
         lr = syn_lr if lr_text is None else torch.where(text_mask, lr_text, syn_lr)
         data = [syn_img, syn_txt, *([] if targets is None else targets[:3])]
         loss = meta_backward(step_loss, start, data, batches, lr, outer, mode="naive", lr_scale=lr_scale)
-    elif unroll == "gram":
-        loss = gram_meta_backward(head_loss, start, spec, [syn_img, syn_txt], batches, syn_lr, outer)
     elif unroll == "lora":
         loss = lora_meta_backward(head_loss, start, spec, frozen, lora_scaling(model), [syn_img, syn_txt],
                                   batches, syn_lr, outer)

@@ -12,7 +12,7 @@ from bench.protocol.student import StudentConfig, build_student
 from methods import METHODS
 from methods.lors import LORS_TABLE, LoRSConfig, RepBlendConfig, table_row
 from methods.tm.experts import flatten, trainable
-from methods.trajectory_matching import AUTO, matching_loss, tm_iteration
+from methods.trajectory_matching import AUTO, head_groups, matching_loss, tm_iteration
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=2", "--set", "recipe.batch_size=16"]
 
@@ -35,12 +35,13 @@ def small_problem(n=8, rank=2, seed=0):
 
 
 def iteration(student, spec, theta0, target, img, txt, sim, is_text, *, lr=0.5, lr_text=None, blend=False,
-              groups=None, alpha=2.0, gen_seed=1):
-    """One naive tm_iteration without optimiser steps; returns the loss (the gradients sit in .grad)."""
+              groups=None, alpha=2.0, gen_seed=1, unroll="naive"):
+    """One tm_iteration (naive unroll unless said) without optimiser steps; returns the loss (the
+    gradients sit in .grad)."""
     lr = torch.tensor(lr, dtype=torch.double, requires_grad=True)
     lr_t = None if lr_text is None else torch.tensor(lr_text, dtype=torch.double, requires_grad=True)
     loss = tm_iteration(student, {}, spec, theta0, target, img, txt, lr, [], syn_steps=3, batch=5,
-                        temperature=0.5, min_lr=1e-9, gen=torch.Generator().manual_seed(gen_seed), unroll="naive",
+                        temperature=0.5, min_lr=1e-9, gen=torch.Generator().manual_seed(gen_seed), unroll=unroll,
                         targets=None if sim is None else (*sim, alpha), lr_text=lr_t,
                         text_mask=is_text if lr_t is not None else None, blend=blend, groups=groups)
     return loss, lr, lr_t
@@ -98,6 +99,28 @@ def test_blending_with_lambda_one_is_no_blending(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain[2], fixed[2]))
     blended = run(True)  # a real λ changes the steps
     assert not torch.equal(plain[1], blended[1])
+
+
+@pytest.mark.parametrize("blend,per_head,with_targets", [(False, False, True), (True, True, True), (True, False, False)])
+def test_the_gram_unroll_of_the_lors_family_gives_the_naive_meta_gradient(blend, per_head, with_targets):
+    """Linear heads: the Gram unroll with learned targets (WBCE), two step sizes, blending and
+    per-head matching is the naive unroll's mathematics (float64): the same loss and gradients into
+    the data, the target factors and both step sizes (minibatches of 5 of 8 pairs)."""
+    student, spec, theta0, target, img, txt, sim, is_text = small_problem()
+    groups = head_groups(is_text) if per_head else None
+
+    def run(unroll):
+        s = [t.clone().requires_grad_(True) for t in sim] if with_targets else None
+        x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the blend's draws
+        loss, lr, lr_t = iteration(student, spec, theta0, target, x, y, s, is_text, lr_text=0.3, blend=blend,
+                                   groups=groups, unroll=unroll)
+        return [loss, x.grad, y.grad, lr.grad, lr_t.grad, *([t.grad for t in s] if s else [])]
+
+    ref, got = run("naive"), run("gram")
+    assert all(g is not None and g.abs().sum() > 0 for g in ref[1:])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_per_head_matching_is_the_sum_of_each_heads_own_normalised_distance():

@@ -63,12 +63,12 @@ class InfoNCEHeads:
         return (g_u - u * (u * g_u).sum(-1, keepdim=True)) / n_img, (g_v - v * (v * g_v).sum(-1, keepdim=True)) / n_txt
 
 
-def head_grads(head_loss: Callable, zs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    """``∂ head_loss / ∂ zs``, differentiable: in closed form where the loss has one (``grad``),
-    else through autograd's double-backward graph."""
-    if hasattr(head_loss, "grad"):
+def head_grads(head_loss: Callable, zs: Sequence[torch.Tensor], extra: Sequence[torch.Tensor] = ()) -> Sequence[torch.Tensor]:
+    """``∂ head_loss(*zs, *extra) / ∂ zs``, differentiable: in closed form where the loss has one
+    (``grad``), else through autograd's double-backward graph."""
+    if hasattr(head_loss, "grad") and not extra:
         return head_loss.grad(*zs)
-    return torch.autograd.grad(head_loss(*zs), zs, create_graph=True)
+    return torch.autograd.grad(head_loss(*zs, *extra), zs, create_graph=True)
 
 
 def supports(spec: list) -> bool:
@@ -84,28 +84,43 @@ def cheaper(spec: list, n: int) -> bool:
 
 def gram_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Tensor, spec: list,
                        data: Sequence[torch.Tensor], batches: Sequence[torch.Tensor], lr: torch.Tensor,
-                       outer_loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                       outer_loss: Callable[[torch.Tensor], torch.Tensor], extra: Sequence[torch.Tensor] = (),
+                       lr_text: "torch.Tensor | None" = None,
+                       mix: "Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None" = None) -> torch.Tensor:
     """``meta_backward`` (same contract: accumulates into ``.grad`` of ``lr`` and of each data
     tensor that requires grad; returns the detached outer loss) for linear heads.
-    ``head_loss(z_image, z_text)`` is the inner loss on one batch's pre-activations (an
-    ``InfoNCEHeads`` for its closed-form gradient)."""
+    ``head_loss(z_image, z_text, *extra rows)`` is the inner loss on one batch's pre-activations (an
+    ``InfoNCEHeads`` for its closed-form gradient).
+
+    The LoRS family: ``extra`` are tensors whose batch rows follow into ``head_loss`` (the learned
+    target factors, differentiated like the data); ``lr_text`` the text head's own step size (``lr``
+    the image head's); ``mix(batch size) -> (λ, π)`` blends each step's batch as RepBlend does. On
+    linear heads a blend of inputs is the same blend of pre-activations, ``λ z_B + (1 − λ) z_B[π]``,
+    and its gradient reaches the weights through ``λ G`` at rows B and ``(1 − λ) G`` at rows B[π]."""
     if not supports(spec):
         raise ValueError(f"the Gram unroll needs linear heads only, got parameters {[n for n, _ in spec]}")
     params = unflatten(theta0.detach(), spec)
     heads = []
-    for h, x in zip(HEADS, data):
+    for h, x, step in zip(HEADS, data, (lr, lr if lr_text is None else lr_text)):
         w0, b0 = params[f"{h}.weight"], params[f"{h}.bias"]
-        heads.append({"x": x, "w0": w0, "b0": b0, "p": x @ w0.T, "k": x @ x.T,
+        heads.append({"x": x, "w0": w0, "b0": b0, "p": x @ w0.T, "k": x @ x.T, "lr": step,
                       "a": x.new_zeros(len(x), w0.shape[0]), "g": x.new_zeros(w0.shape[0])})
     for b in batches:
-        zs = [h["p"][b] + h["b0"] - lr * h["g"] - lr * (h["k"][b] @ h["a"]) for h in heads]
-        grads = head_grads(head_loss, zs)
+        zs = [h["p"][b] + h["b0"] - h["lr"] * h["g"] - h["lr"] * (h["k"][b] @ h["a"]) for h in heads]
+        if mix is not None:
+            lam, perm = mix(len(b))
+            lam = lam.to(zs[0].dtype)  # 1 − λ in the data's precision
+            zs = [lam * z + (1 - lam) * z[perm] for z in zs]
+        grads = head_grads(head_loss, zs, [t[b] for t in extra])
         for h, g in zip(heads, grads):
-            h["a"] = h["a"].index_add(0, b, g)
+            if mix is None:
+                h["a"] = h["a"].index_add(0, b, g)
+            else:
+                h["a"] = h["a"].index_add(0, b, lam * g).index_add(0, b[perm], (1 - lam) * g)
             h["g"] = h["g"] + g.sum(0)
     final = []
     for h in heads:
-        final += [(h["w0"] - lr * (h["a"].T @ h["x"])).reshape(-1), h["b0"] - lr * h["g"]]
+        final += [(h["w0"] - h["lr"] * (h["a"].T @ h["x"])).reshape(-1), h["b0"] - h["lr"] * h["g"]]
     loss = outer_loss(torch.cat(final))
     loss.backward()
     return loss.detach()
