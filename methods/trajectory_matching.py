@@ -179,17 +179,17 @@ class TMConfig:
         return self.targets_rank != 0 or self.tower_lrs or self.blend or self.match != "joint"
 
     def unroll_mode(self, cut: str, spec: list, budget: int) -> str:
-        """``auto``: exact under pixels (naive for the LoRS family); under heads gram (linear heads,
-        when it costs fewer multiply-adds per step than naive), lora (LoRA on linear heads, when the
-        budget is below the rows an unroll draws) or naive."""
+        """``auto``: naive for the LoRS family (``unroll=gram`` on request); exact under pixels; under
+        heads gram (linear heads, when it costs fewer multiply-adds per step than naive), lora (LoRA
+        on linear heads, when the budget is below the rows an unroll draws) or naive."""
         if self.unroll == "gram" and (cut != "heads" or not gram_supports(spec)):
             raise BenchError("tm unroll=gram needs the heads cut with linear heads and no LoRA")
         if self.unroll == "lora" and (cut != "heads" or not lora_supports(spec)):
             raise BenchError("tm unroll=lora needs the heads cut with LoRA on linear heads (tm_lora)")
         if self.unroll != "auto":
             return self.unroll
-        if self.extended:  # LoRS's targets and step sizes, blending: gram or naive
-            return "gram" if cut == "heads" and gram_supports(spec) and gram_is_cheaper(spec, budget) else "naive"
+        if self.extended:  # LoRS's targets and step sizes, blending: naive (gram when asked for, docs/findings.md)
+            return "naive"
         if cut != "heads":
             return "exact"
         if gram_supports(spec) and gram_is_cheaper(spec, budget):
