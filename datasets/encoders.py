@@ -297,9 +297,7 @@ def _hf_text_encoder(name: str, path: str, normalise: bool, max_len: int = 128, 
                     if os.path.exists(os.path.join(path, f))), None)
     digest = _weights_digest(weights) if weights else path
     key = f"{name}-{digest}-{pooling}pool{'-l2' if normalise else ''}-max{max_len}"
-    # 32 captions per batch: a batch's activations stay in cache (about 1.2x the captions/s of 64 on
-    # ONNX Runtime, the same features to the bit; docs/findings.md#feature-extraction)
-    return Encoder(name, "text", config.hidden_size, key, load, batch_size=32)
+    return Encoder(name, "text", config.hidden_size, key, load, batch_size=64)
 
 
 @ENCODERS.register("minilm_l6", groups=("text",), help="all-MiniLM-L6-v2, 384-d mean-pooled (offline default)")

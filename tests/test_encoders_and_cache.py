@@ -69,7 +69,7 @@ def test_a_captions_features_do_not_depend_on_its_batch():
     ds = load_dataset("synthetic", limit=(24, 2))
     caps = ds.split("train").captions[:45] + ["a", "two big blue squares " * 6]
     enc = get_encoder("minilm_l6", "text")
-    assert enc.batch_size == 32
+    assert enc.batch_size == 64
     ref = enc.encode(caps)
     enc.batch_size = 5
     np.testing.assert_allclose(enc.encode(caps), ref, rtol=1e-5, atol=1e-6)
