@@ -78,7 +78,7 @@ from methods.tm.lora import cheaper as lora_is_cheaper, lora_meta_backward, lora
 from methods.tm.unroll import MODES, meta_backward
 from datasets.features import default_cache_dir
 from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
-from methods.holdout import CHECK_SEED, HeldOut, holdout_images  # noqa: F401 (CHECK_SEED, holdout_images: re-exported)
+from methods.holdout import HeldOut
 from methods.random_subset import random_pairs
 
 

@@ -14,7 +14,8 @@ from bench.protocol.training import PairSet
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
 from methods import METHODS, MethodContext
 from methods.base import method_config
-from methods.trajectory_matching import CHECK_SEED, holdout_images, matching_loss
+from methods.holdout import CHECK_SEED, holdout_images
+from methods.trajectory_matching import matching_loss
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
 
