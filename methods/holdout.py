@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.protocol.training import TrainingDiverged
 
 HOLDOUT_SEED = 2_024
 MIN_HOLDOUT = 8
@@ -50,9 +51,13 @@ class HeldOut:
         return done % self.every == 0 or done == self.iterations
 
     def check(self, it: int, state, pairs, recipe=None) -> float:
-        """Score ``pairs`` (``state`` is what to return if it is the best) under its own ``recipe``."""
+        """Score ``pairs`` (``state`` is what to return if it is the best) under its own ``recipe``; a
+        set whose student diverges scores 0, below any set that trains (a collapse, for the back-off)."""
         with torch.random.fork_rng(devices=[]):
-            score = self.protocol.evaluate(pairs, [CHECK_SEED + self.seed], split=self.split, recipe=recipe)[0]["mean"]
+            try:
+                score = self.protocol.evaluate(pairs, [CHECK_SEED + self.seed], split=self.split, recipe=recipe)[0]["mean"]
+            except TrainingDiverged:
+                score = 0.0
         self.curve.append((it, round(score, 2)))
         if -score < self.kept[0]:
             self.kept = (-score, it, state)

@@ -46,8 +46,9 @@ returns the set at the lowest 25-iteration mean matching loss, ``last`` the fina
 
 **Back-off on a collapse** (``keep="holdout"`` only). When a check scores below ``backoff_below``
 times the best check, the best set and its step size are restored, the optimisers' momentum is
-dropped and the data lr is multiplied by ``backoff`` (``info.backoffs``). A run without a collapse is
-exactly the run without the rule.
+dropped and the data lr is multiplied by ``backoff`` (``info.backoffs``). A matching loss that is not
+finite is a collapse too (``info.diverged``; without a checked set to go back to, the cell fails). A
+run without a collapse is exactly the run without the rule.
 
 **Clipping** (``grad_clip``). Each data tensor's gradient norm is capped at ``grad_clip`` times the
 median of its last ``CLIP_HISTORY`` raw norms (once ``CLIP_WARMUP`` are known), so one outsized
@@ -417,6 +418,7 @@ class TrajectoryMatching:
         # keep="best": (25-iteration mean matching loss; iteration; its state, see snapshot); holdout: ho.kept
         kept = (float("inf"), c.iterations, None)
         backoffs = []  # iterations at which the best set was restored and the data lr cut
+        diverged = []  # of those, the iterations whose matching loss was not finite
 
         learned = {"img": syn_img, "txt": syn_txt, "lr": syn_lr, "lr_txt": lr_txt,
                    **({} if sim is None else {"a": sim[0], "left": sim[1], "right": sim[2]})}
@@ -447,6 +449,8 @@ class TrajectoryMatching:
                 if x.grad is None:
                     continue
                 n, h = float(x.grad.norm()), norms[id(x)]
+                if not np.isfinite(n):  # a diverged step: backed off after it, and kept out of the history
+                    continue
                 if len(h) >= CLIP_WARMUP:
                     cap = c.grad_clip * float(np.median(h))
                     if n > cap:
@@ -481,8 +485,16 @@ class TrajectoryMatching:
                                     targets=None if sim is None else (*sim, c.targets_alpha), lr_text=lr_txt,
                                     text_mask=is_text if lr_txt is not None else None, blend=c.blend, groups=groups,
                                     image_fn=p.image_features if p.frozen_tower is not None else None)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
+                if not torch.isfinite(loss):  # the step just taken was with non-finite gradients
+                    if ho is None or ho.kept[2] is None:
+                        raise RuntimeError(f"distillation diverged at iteration {it} (step size {syn_lr.item():g})")
+                    backoff(ho.kept)  # as on a collapse: the best checked set, a lower data lr
+                    backoffs.append(it + 1)
+                    diverged.append(it + 1)
+                    if c.lr_schedule == "cosine":
+                        sched.step()
+                    bar.update(1)
+                    continue
                 losses.append(loss.item())
                 if c.lr_schedule == "cosine":
                     sched.step()
@@ -516,7 +528,7 @@ class TrajectoryMatching:
         if c.grad_clip > 0:
             info["clipped"] = clipped
         if ho is not None:
-            info.update(ho.info(), backoffs=backoffs)
+            info.update(ho.info(), backoffs=backoffs, diverged=diverged)
         if dev.type == "cuda":
             info["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if c is not self.config:  # per-budget defaults: what was used

@@ -225,6 +225,49 @@ def test_backoff_restores_the_best_set_and_scales_the_data_lr(tiny_protocol, cac
         build("test_tm", tiny_protocol, cache, backoff=0)
 
 
+def test_a_non_finite_matching_loss_backs_off_to_the_best_set(tiny_protocol, cache, monkeypatch):
+    # iteration 2's matching loss is NaN, so its step fills the set with NaN: the run goes back to the
+    # best checked set (iteration 1's, scored 20) as on a collapse, and iteration 3 steps from there
+    import methods.trajectory_matching as tmm
+    calls = []
+
+    def poisoned(theta, *args, **kw):
+        calls.append(1)
+        loss = matching_loss(theta, *args, **kw)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(tmm, "matching_loss", poisoned)
+    p, seen = _scripted_checks(tiny_protocol, [10, 20, 15, 19])
+    art = build("test_tm", p, cache, iterations=4, check_every=1)
+    assert art.info["diverged"] == [3] and art.info["backoffs"] == [3]
+    assert len(seen) == 4  # checks at 0, 1, 2 and 4: the diverged iteration is not checked
+    assert torch.isfinite(seen[3][0]).all() and torch.isfinite(art.image).all()
+    assert torch.equal(art.image, seen[1][0]) and art.info["kept_iteration"] == 1
+    # iteration 3 is one step from set 1 at a quarter of the data lr, not from the NaN set
+    assert 0 < float((seen[3][0] - seen[1][0]).abs().max()) < float((seen[2][0] - seen[1][0]).abs().max())
+    # with nothing checked to go back to, a divergence fails the cell in one line
+    calls.clear()
+    with pytest.raises(RuntimeError, match="diverged at iteration 2"):
+        build("test_tm", tiny_protocol, cache, iterations=4, keep="last")
+
+
+def test_a_check_whose_student_diverges_scores_zero_and_backs_off(tiny_protocol, cache):
+    # check 2's student training diverges (e.g. exploded learned targets): it scores 0, a collapse
+    # below 0.5 x the best (20), so the run backs off to set 1 as for a check that scored 0
+    from bench.protocol.training import TrainingDiverged
+    p, seen = _scripted_checks(tiny_protocol, [10, 20, None, 19])
+    evaluate = p.evaluate
+
+    def diverging(pairs, seeds, split=None, recipe=None):
+        out = evaluate(pairs, seeds, split, recipe)
+        if out[0]["mean"] is None:
+            raise TrainingDiverged("training diverged (loss nan) at epoch 1 with step size 1e-05")
+        return out
+    p.evaluate = diverging
+    art = build("test_tm", p, cache, iterations=3, check_every=1)
+    assert art.info["holdout_curve"][2] == (2, 0.0) and art.info["backoffs"] == [2]
+    assert torch.equal(art.image, seen[1][0]) and art.info["kept_iteration"] == 1
+
+
 @pytest.mark.parametrize("lr", [0.03, 0.2])
 def test_adam_data_update_first_step_moves_every_coordinate_by_its_lr(tiny_protocol, cache, lr):
     # Adam's first step is lr * g / (|g| + eps): a coordinate moves by lr, less only where |g| is

@@ -170,6 +170,10 @@ class PairSet:
         return PairSet(image, text, torch.arange(len(text)), lr, lr_text, targets)
 
 
+class TrainingDiverged(RuntimeError):
+    """A student's loss became non-finite: the set (or its learned step size or targets) cannot train it."""
+
+
 def train_student(student: Student, pairs: PairSet, recipe: Recipe, seed: int,
                   on_epoch: Optional[Callable[[int, Student], None]] = None) -> float:
     """Train in place; returns the step size used. ``on_epoch(e, student)`` runs after each epoch
@@ -210,7 +214,7 @@ def _train(student, pairs, recipe, seed, on_epoch) -> float:
             loss.backward()
             opt.step()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"training diverged (loss {loss.item()}) at epoch {epoch} with step size {lr:g}")
+            raise TrainingDiverged(f"training diverged (loss {loss.item()}) at epoch {epoch} with step size {lr:g}")
         if on_epoch:
             on_epoch(epoch, student)
     student.eval()
