@@ -29,9 +29,10 @@ parameter vectors (memory flat in ``syn_steps``; the pixels cut's default); ``fd
 without double backward, by central finite differences (radius ``fd_radius``); ``gram``
 (``methods/tm/gram.py``, linear heads) is naive's mathematics in the space of the synthetic pairs;
 ``lora`` (``methods/tm/lora.py``, LoRA on linear heads) computes the frozen base layer once per
-unroll. ``auto`` picks exact under pixels; under heads gram where it is cheaper (up to (image + text
-input dims) / 2 pairs, 831 with the default encoders), lora for LoRA heads below syn_steps x batch
-rows, naive otherwise.
+unroll. ``auto`` picks exact under pixels (naive for the LoRS family); under heads gram where it is
+cheaper (below (image + text input dims) / 2 pairs, 832 with the default encoders, and at most twice
+the syn_steps x batch rows an unroll draws), lora for LoRA heads below syn_steps x batch rows, naive
+otherwise.
 
 **Data update.** SGD on the synthetic data (the paper's: lr 1000, momentum 0.5; ``data_optimizer``,
 ``lr_image``, ``lr_text``), or ``data_optimizer="adam"`` (betas (``momentum``, 0.999)).
@@ -46,13 +47,15 @@ returns the set at the lowest 25-iteration mean matching loss, ``last`` the fina
 
 **Back-off on a collapse** (``keep="holdout"`` only). When a check scores below ``backoff_below``
 times the best check, the best set and its step size are restored, the optimisers' momentum is
-dropped and the data lr is multiplied by ``backoff`` (``info.backoffs``). A matching loss that is not
+dropped and the lrs of the data and of the LoRS targets' factors are multiplied by ``backoff``
+(``info.backoffs``). A matching loss that is not
 finite is a collapse too (``info.diverged``; without a checked set to go back to, the cell fails). A
 run without a collapse is exactly the run without the rule.
 
-**Clipping** (``grad_clip``). Each data tensor's gradient norm is capped at ``grad_clip`` times the
-median of its last ``CLIP_HISTORY`` raw norms (once ``CLIP_WARMUP`` are known), so one outsized
-meta-gradient cannot throw the set away at lr 1000 (``info.clipped``).
+**Clipping** (``grad_clip``). Each data tensor's (and each LoRS target factor's) gradient norm is
+capped at ``grad_clip`` times the median of its last ``CLIP_HISTORY`` raw norms (once
+``CLIP_WARMUP`` are known), so one outsized meta-gradient cannot throw the set away at lr 1000
+(``info.clipped``).
 
 Why each default is what it is, with the measurements: ``docs/findings.md``.
 """
@@ -118,8 +121,8 @@ class TMConfig:
     # 0 = never): the paper's lr 1000 can throw a good set away late in the run
     backoff: float = 0.25
     backoff_below: float = 0.5
-    # clip each learnable data tensor's meta-gradient norm to this multiple of the median of its last
-    # CLIP_HISTORY norms (0 = off): one exploding unroll cannot throw the set away
+    # clip each learnable data tensor's (and target factor's) meta-gradient norm to this multiple of the
+    # median of its last CLIP_HISTORY norms (0 = off): one exploding unroll cannot throw the set away
     grad_clip: float = 3.0
     lr_init: float = 0.1  # the paper's
     lr_lr: float = 0.01
@@ -180,22 +183,23 @@ class TMConfig:
         return self.targets_rank != 0 or self.tower_lrs or self.blend or self.match != "joint"
 
     def unroll_mode(self, cut: str, spec: list, budget: int) -> str:
-        """``auto``: naive for the LoRS family (``unroll=gram`` on request); exact under pixels; under
-        heads gram (linear heads, when it costs fewer multiply-adds per step than naive), lora (LoRA
-        on linear heads, when the budget is below the rows an unroll draws) or naive."""
+        """``auto``: exact under pixels (naive for the LoRS family); under heads gram (linear heads,
+        when it costs less than naive, ``methods/tm/gram.py``), lora (LoRA on linear heads, when the
+        budget is below the rows an unroll draws) or naive."""
         if self.unroll == "gram" and (cut != "heads" or not gram_supports(spec)):
             raise BenchError("tm unroll=gram needs the heads cut with linear heads and no LoRA")
         if self.unroll == "lora" and (cut != "heads" or not lora_supports(spec)):
             raise BenchError("tm unroll=lora needs the heads cut with LoRA on linear heads (tm_lora)")
         if self.unroll != "auto":
             return self.unroll
-        if self.extended:  # LoRS's targets and step sizes, blending: naive (gram when asked for, docs/findings.md)
-            return "naive"
+        rows = self.syn_steps * self.unroll_batch(budget)
         if cut != "heads":
-            return "exact"
-        if gram_supports(spec) and gram_is_cheaper(spec, budget):
+            return "naive" if self.extended else "exact"  # the LoRS family unrolls in naive or gram only
+        if gram_supports(spec) and gram_is_cheaper(spec, budget, rows):
             return "gram"
-        if lora_supports(spec) and lora_is_cheaper(budget, self.syn_steps * self.unroll_batch(budget)):
+        if self.extended:
+            return "naive"
+        if lora_supports(spec) and lora_is_cheaper(budget, rows):
             return "lora"
         return "naive"
 
@@ -278,7 +282,7 @@ def tm_iteration(model: torch.nn.Module, frozen: dict, spec: list, start: torch.
     cannot see its own inner steps, see docs/pixels.md). ``before_step()`` runs between the
     meta-backward and the optimiser steps (gradient clipping). Returns the (detached) matching loss.
 
-    The LoRS family (naive unroll): ``targets = (a, L, R, α)``, learned similarity factors that the
+    The LoRS family (naive or gram unroll): ``targets = (a, L, R, α)``, learned similarity factors that the
     steps' WBCE loss uses (the batch's rows) and that receive gradients like the data; ``lr_text``, the
     text tower's step size for the parameters in ``text_mask`` (``syn_lr`` then the image tower's);
     ``blend``, RepBlend's mixing of each minibatch; ``groups``, masks matched each on its own.
@@ -439,13 +443,16 @@ class TrajectoryMatching:
             state = snapshot()
             return ho.check(it, state, *as_set(state))  # scored natively: the set's own loss and targets
 
-        norms = {id(x): deque(maxlen=CLIP_HISTORY) for x in (syn_img, syn_txt)}
+        clipped_tensors = [("image", syn_img), ("text", syn_txt)]
+        if sim is not None:  # the targets' factors are part of the set: one outsized step can ruin them too
+            clipped_tensors += list(zip(("targets_a", "targets_left", "targets_right"), sim))
+        norms = {id(x): deque(maxlen=CLIP_HISTORY) for _, x in clipped_tensors}
         clipped = []  # (iteration, tensor, norm / cap) of every clipped gradient
 
         def clip() -> None:
-            """Cap each data gradient's norm at grad_clip x the median of its recent norms (raw norms
-            are remembered, so the cap follows the run's own scale)."""
-            for name, x in (("image", syn_img), ("text", syn_txt)):
+            """Cap each data (and target factor) gradient's norm at grad_clip x the median of its recent
+            norms (raw norms are remembered, so the cap follows the run's own scale)."""
+            for name, x in clipped_tensors:
                 if x.grad is None:
                     continue
                 n, h = float(x.grad.norm()), norms[id(x)]
@@ -465,8 +472,9 @@ class TrajectoryMatching:
                     v.copy_(kept[2][k])
             for o in opts:
                 o.state.clear()
-            for g in data_opt.param_groups:
-                g["lr"] *= c.backoff
+            for o in opts[1:]:  # the data and the targets' factors; the step sizes' lr stays
+                for g in o.param_groups:
+                    g["lr"] *= c.backoff
             if c.lr_schedule == "cosine":
                 sched.base_lrs = [b * c.backoff for b in sched.base_lrs]
 

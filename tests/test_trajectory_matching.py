@@ -192,7 +192,8 @@ def _scripted_checks(protocol, scores):
     seen = []
 
     def evaluate(pairs, seeds, split=None, recipe=None):
-        seen.append((pairs.image.clone(), pairs.text.clone()))
+        t = pairs.targets
+        seen.append((pairs.image.clone(), pairs.text.clone()) + (() if t is None else (t.a.clone(), t.left.clone(), t.right.clone())))
         return [{"mean": scores[len(seen) - 1]}]
     scripted = copy.copy(protocol)
     scripted.evaluate = evaluate
@@ -223,6 +224,21 @@ def test_backoff_restores_the_best_set_and_scales_the_data_lr(tiny_protocol, cac
     assert build("test_tm", p, cache, iterations=3, check_every=1).info["backoffs"] == []
     with pytest.raises(BenchError, match="backoff must be in"):
         build("test_tm", tiny_protocol, cache, backoff=0)
+
+
+def test_backoff_slows_the_lors_targets_factors_like_the_data(tiny_protocol, cache):
+    # the collapse at check 2 restores set 1 (targets included) and scales the lr of the data and of
+    # the factors by `backoff`: every part of iteration 3's step from set 1 halves
+    moves = {}
+    for backoff in (0.5, 1.0):
+        p, seen = _scripted_checks(tiny_protocol, [10, 20, 5, 19])
+        art = build("test_lors", p, cache, iterations=3, check_every=1, backoff=backoff, grad_clip=0)
+        assert art.info["backoffs"] == [2] and torch.equal(art.targets.left, seen[1][3])
+        moves[backoff] = [a - b for a, b in zip(seen[3], seen[1])]
+    assert len(moves[1.0]) == 5  # image, text, a, L, R
+    for half, full in zip(moves[0.5], moves[1.0]):
+        assert float(full.abs().max()) > 0
+        torch.testing.assert_close(half, 0.5 * full, rtol=1e-3, atol=1e-6)
 
 
 def test_a_non_finite_matching_loss_backs_off_to_the_best_set(tiny_protocol, cache, monkeypatch):
@@ -404,6 +420,14 @@ def test_auto_unroll_picks_gram_only_for_linear_heads_where_it_is_cheaper():
     assert auto.unroll_mode("heads", mlp, 100) == "naive"
     assert auto.unroll_mode("pixels", [("tower.w", (3, 3))] + linear, 100) == "exact"
     assert TMConfig(unroll="naive").unroll_mode("heads", linear, 100) == "naive"
+    # the LoRS family draws syn_steps x batch = 8 x 20 rows per unroll (lors 8 x 40 from 500 pairs):
+    # gram up to twice those rows, naive beyond; naive under pixels (no exact mode for it)
+    from methods.lors import LoRSConfig, RepBlendConfig
+    lors, repblend = LoRSConfig(), RepBlendConfig()
+    assert [lors.resolved(n).unroll_mode("heads", linear, n) for n in (100, 320, 321, 500, 640, 641)] == \
+        ["gram", "gram", "naive", "gram", "gram", "naive"]
+    assert [repblend.resolved(n).unroll_mode("heads", linear, n) for n in (100, 320, 321, 1000)] == ["gram", "gram", "naive", "naive"]
+    assert lors.resolved(100).unroll_mode("pixels", [("tower.w", (3, 3))] + linear, 100) == "naive"
     with pytest.raises(BenchError, match="linear heads"):
         TMConfig(unroll="gram").unroll_mode("heads", mlp, 100)
 
@@ -496,3 +520,17 @@ def test_grad_clip_caps_data_steps_at_a_multiple_of_the_recent_median(tiny_proto
     assert "clipped" not in free.info
     with pytest.raises(BenchError, match="grad_clip"):
         build("test_tm", tiny_protocol, cache, grad_clip=-1)
+
+
+def test_grad_clip_caps_the_lors_targets_factors_too(tiny_protocol, cache):
+    """The learned targets' factors are clipped like the data: with a cap of ~0 after the warm-up,
+    iterations 11-15 leave a, L and R where iteration 10 left them; without it they move."""
+    common = dict(keep="last", momentum=0, lr_image=1, lr_text=1, lr_targets=1)  # small steps: 15 iterations stay finite
+    at10 = build("test_lors", tiny_protocol, cache, iterations=10, **common)
+    frozen = build("test_lors", tiny_protocol, cache, iterations=15, grad_clip=1e-9, **common)
+    free = build("test_lors", tiny_protocol, cache, iterations=15, grad_clip=0, **common)
+    for f in ("a", "left", "right"):
+        before = getattr(at10.targets, f)
+        torch.testing.assert_close(getattr(frozen.targets, f), before, rtol=0, atol=1e-6)
+        assert not torch.allclose(getattr(free.targets, f), before, atol=1e-4), f
+    assert {n for _, n, _ in frozen.info["clipped"]} == {"image", "text", "targets_a", "targets_left", "targets_right"}

@@ -76,10 +76,12 @@ def supports(spec: list) -> bool:
     return [n for n, _ in spec] == [f"{h}.{p}" for h in HEADS for p in ("weight", "bias")]
 
 
-def cheaper(spec: list, n: int) -> bool:
-    """Whether a step costs fewer multiply-adds here than in ``naive``: ``n`` (synthetic pairs) per
-    head against the heads' input widths."""
-    return len(HEADS) * n < sum(shape[1] for name, shape in spec if name.endswith(".weight"))
+def cheaper(spec: list, n: int, rows: int) -> bool:
+    """Whether the Gram unroll costs less than ``naive``: a step's ``n`` (synthetic pairs) per head
+    against the heads' input widths, and the three products over all ``n`` pairs per unroll (``X W_0ᵀ``,
+    ``X Xᵀ``, the final weights) against naive's over the ``rows`` batch rows an unroll draws
+    (syn_steps × batch), which break even near ``n = 2 × rows`` (docs/findings.md)."""
+    return len(HEADS) * n < sum(shape[1] for name, shape in spec if name.endswith(".weight")) and n <= 2 * rows
 
 
 def gram_meta_backward(head_loss: Callable[..., torch.Tensor], theta0: torch.Tensor, spec: list,
