@@ -12,8 +12,9 @@ on its values.
 The inner gradient of the Gram and LoRA unrolls at 100 pairs, from autograd's double-backward graph
 of the loss against the closed form the methods use (``InfoNCEHeads``, ``methods/tm/gram.py``).
 
-``lors`` and ``repblend`` at 100 pairs (their 100-pair row: 8 steps of 20 pairs, rank-10 targets,
-WBCE, a step size per head; repblend blends), through the naive unroll and the Gram unroll.
+``lors`` and ``repblend`` at 100, 200 and 500 pairs (their per-budget rows: 8 steps of 20 pairs, 40
+for ``lors`` at 500; WBCE against low-rank targets, a step size per head; repblend blends), through
+the naive unroll and the Gram unroll: where ``auto``'s rule for the LoRS family comes from.
 
 The frozen-pixels cut (``--cut frozen-pixels``) at 64 and 112 px: the same gram iteration with the
 synthetic images as pixels seen through the frozen EfficientNet-Lite0 tower (``image_fn``: one tower
@@ -80,11 +81,12 @@ def test_bench_tm_inner_gradient(benchmark, expert, lora_expert, monkeypatch, un
 
 @pytest.mark.benchmark(group="lors")
 @pytest.mark.parametrize("unroll", ["naive", "gram"])
+@pytest.mark.parametrize("n_pairs", [100, 200, 500])
 @pytest.mark.parametrize("method", ["lors", "repblend"])
-def test_bench_lors_iteration(benchmark, expert, method, unroll):
-    from methods.lors import LoRSConfig
+def test_bench_lors_iteration(benchmark, expert, method, n_pairs, unroll):
+    from methods.lors import LoRSConfig, RepBlendConfig
 
-    c = LoRSConfig().resolved(100)
+    c = (LoRSConfig if method == "lors" else RepBlendConfig)().resolved(n_pairs)
     model, frozen, spec, traj = expert
     start, target = traj[0].float(), traj[c.expert_epochs].float()
     is_text = torch.cat([torch.full((int(torch.Size(shape).numel()),), n.startswith("text_head."), dtype=torch.bool)
@@ -93,16 +95,16 @@ def test_bench_lors_iteration(benchmark, expert, method, unroll):
 
     def setup():
         g = torch.Generator().manual_seed(100)
-        img = torch.randn(100, D_IMG, generator=g).requires_grad_(True)
-        txt = torch.randn(100, D_TXT, generator=g).requires_grad_(True)
-        sim = [torch.ones(100).requires_grad_(True), *(torch.randn(100, c.targets_rank, generator=g).requires_grad_(True)
+        img = torch.randn(n_pairs, D_IMG, generator=g).requires_grad_(True)
+        txt = torch.randn(n_pairs, D_TXT, generator=g).requires_grad_(True)
+        sim = [torch.ones(n_pairs).requires_grad_(True), *(torch.randn(n_pairs, c.targets_rank, generator=g).requires_grad_(True)
                                                         for _ in range(2))]
         lr, lr_txt = (torch.tensor(c.lr_init, requires_grad=True) for _ in range(2))
         opts = [torch.optim.SGD([img], lr=c.lr_image, momentum=c.momentum), torch.optim.SGD([txt], lr=c.lr_text, momentum=c.momentum),
                 torch.optim.SGD([lr, lr_txt], lr=c.lr_lr, momentum=c.momentum), torch.optim.SGD(sim, lr=c.lr_targets, momentum=0.5)]
         state.update(img=img, sim=sim, img0=img.detach().clone())
         return (model, frozen, spec, start, target, img, txt, lr, opts), dict(
-            syn_steps=c.syn_steps, batch=c.batch_syn, temperature=StudentConfig().temperature, min_lr=c.min_lr,
+            syn_steps=c.syn_steps, batch=c.unroll_batch(n_pairs), temperature=StudentConfig().temperature, min_lr=c.min_lr,
             gen=torch.Generator().manual_seed(0), unroll=unroll, targets=(*sim, c.targets_alpha), lr_text=lr_txt,
             text_mask=is_text, blend=method == "repblend")
 
