@@ -313,6 +313,15 @@ def test_profile_script_runs_at_tiny_size():
     assert r["s_per_iteration"] > 0 and r["n_params"] > 4_000_000 and "peak_gib" in r
 
 
+def test_profile_heads_part_times_auto_s_unroll_and_its_matrix_products():
+    from methods.tm.profile import heads_one
+
+    r = heads_one(torch.device("cpu"), 16, repeats=1)
+    assert (r["pairs"], r["unroll"], r["batch"]) == (16, "gram", 16)  # auto: the whole set, Gram below 832 pairs
+    # at least the one-time products of the Gram unroll: X W0ᵀ and the final weights per head, forward
+    assert r["gflop"] * 1e9 >= 2 * 2 * 16 * 512 * (1280 + 384) and 0 < r["matmul_share"] <= 1 and r["s_per_iteration"] > 0
+
+
 def test_profile_flop_count_is_the_hand_count_for_grouped_convolutions():
     """2 FLOPs per multiply-add: a depthwise 3x3 layer (batch 2, 144 channels, 16x16, 'same') has
     2*144*16*16*9 multiply-adds forward, and its backward costs that again per gradient asked for

@@ -1,6 +1,6 @@
 """Profile the pixel-space unroll and the convolutions in it: ``python -m methods.tm.profile``.
 
-Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
+Parts (``--part convs|unroll|frozen|heads|all``), on ``--device cpu`` or ``cuda``:
 
 * ``convs``: forward, forward+backward, and forward+backward(with graph)+double backward of one
   layer: a depthwise 3x3 convolution (PyTorch's own, and ``bench.protocol.conv_ops``'s), a dense 3x3
@@ -13,6 +13,10 @@ Two parts (``--part convs|unroll|all``), on ``--device cpu`` or ``cuda``:
   the iterations; CPU: peak resident set size of the process minus its size before the first
   iteration, from ``getrusage``). ``--depthwise native`` swaps the tower's depthwise convolutions
   back to PyTorch's for comparison. Also the inner steps alone (forward + backward, no graph).
+
+* ``heads`` (not part of ``all``): one ``tm`` iteration of the heads cut per ``--budgets`` with the
+  unroll and minibatch ``auto`` picks: seconds, the matrix products' FLOPs and GFLOP/s, and their
+  share of the profiled operators' self time (what cutting per-operator overhead could still gain).
 
 * ``frozen``: one ``tm`` iteration of the frozen-pixels cut (``--images`` synthetic pairs as pixels
   through the frozen EfficientNet-Lite0 tower at each of ``--sizes``, the heads' Gram unroll of
@@ -226,9 +230,10 @@ def unroll_one(device: torch.device, mode: str, steps: int, image_size: int, ima
     return row
 
 
-def frozen_one(device: torch.device, image_size: int, images: int, repeats: int) -> dict:
-    """One ``tm`` iteration (defaults: 20 Gram-unrolled steps) under frozen-pixels at ``image_size``
-    (0: the heads cut, feature vectors), in this process: seconds and peak memory."""
+def _tm_problem(device: torch.device, image_size: int, images: int):
+    """A ``tm`` iteration's inputs at the defaults: the heads student, a random start and target,
+    ``images`` random synthetic pairs (pixels at ``image_size`` through the frozen tower, or 0:
+    feature vectors). Returns ``iteration(unroll, batch)``, one ``tm_iteration``."""
     from bench.protocol.student import StudentConfig, build_student
     from bench.protocol.towers import load_tower
     from methods.tm.experts import flatten, trainable
@@ -248,20 +253,54 @@ def frozen_one(device: torch.device, image_size: int, images: int, repeats: int)
     lr = torch.tensor(c.lr_init, device=device, requires_grad=True)
     opts = [torch.optim.SGD([x], lr=1e-3) for x in (img, txt, lr)]
 
-    def iteration():
+    def iteration(unroll: str = "gram", batch: int = min(c.batch_syn, images)):
         tm_iteration(student, frozen, spec, start, target, img, txt, lr, opts, syn_steps=c.syn_steps,
-                     batch=min(c.batch_syn, images), temperature=0.07, min_lr=c.min_lr,
-                     gen=torch.Generator().manual_seed(0), unroll="gram", image_fn=tower)
+                     batch=batch, temperature=0.07, min_lr=c.min_lr, gen=torch.Generator().manual_seed(0),
+                     unroll=unroll, image_fn=tower)
+    iteration.spec, iteration.config = spec, c
+    return iteration
 
+
+def frozen_one(device: torch.device, image_size: int, images: int, repeats: int) -> dict:
+    """One ``tm`` iteration (defaults: 20 Gram-unrolled steps) under frozen-pixels at ``image_size``
+    (0: the heads cut, feature vectors), in this process: seconds and peak memory."""
+    iteration = _tm_problem(device, image_size, images)
     sec, peak, how = _measure(iteration, device, repeats)
     return {"cut": f"frozen-pixels {image_size} px" if image_size else "heads", "images": images,
             "s_per_iteration": round(sec, 3), "peak_gib": round(peak, 3), "memory": how}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def heads_one(device: torch.device, n: int, repeats: int) -> dict:
+    """One ``tm`` iteration under heads at ``n`` pairs with the unroll and minibatch ``auto`` picks:
+    seconds (fastest of ``repeats``), its matrix products' FLOPs, and their share of the
+    operators' self time in one profiled iteration (profiling slows the small operators more, so
+    the share is a lower bound): what is left to gain by cutting everything but the products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    iteration = _tm_problem(device, 0, n)
+    c = iteration.config
+    mode, batch = c.unroll_mode("heads", iteration.spec, n), c.unroll_batch(n)
+    run = lambda: iteration(mode, batch)  # noqa: E731
+    sec, _, _ = _measure(run, device, repeats)
+    with _FlopCount() as counter:
+        run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    share = sum(v for k, v in self_us.items() if k in MATMUL_OPS) / max(1e-9, sum(self_us.values()))
+    gflop = counter.total / 1e9
+    return {"pairs": n, "unroll": mode, "batch": batch, "s_per_iteration": round(sec, 3), "gflop": round(gflop, 2),
+            "matmul_share": round(share, 2), "gflop_per_s": round(gflop / sec, 1)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m methods.tm.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--part", choices=("convs", "unroll", "frozen", "all"), default="all")
+    ap.add_argument("--part", choices=("convs", "unroll", "frozen", "heads", "all"), default="all")
+    ap.add_argument("--budgets", default="100,1000", help="heads part: synthetic pairs")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--sizes", default="64,112,224", help="frozen part: the image sizes (the heads cut is always measured)")
@@ -334,6 +373,13 @@ def main(argv=None) -> int:
                   f"{r['cut']:24s} {r['s_per_iteration']:8.3f} {r['peak_gib']:9.3f}")
             sys.stdout.flush()
         out["frozen"] = rows
+    if a.part == "heads":  # not in "all": the pixel parts are what a GPU session measures
+        print(f"\ntm iteration under heads on {device} ({torch.get_num_threads()} threads), auto's unroll")
+        print(f"{'pairs':>5s} {'unroll':6s} {'batch':>5s} {'s/iter':>7s} {'GFLOP':>6s} {'GFLOP/s':>8s} {'matmul share':>12s}")
+        out["heads"] = [heads_one(device, int(n), a.repeats) for n in a.budgets.split(",")]
+        for r in out["heads"]:
+            print(f"{r['pairs']:5d} {r['unroll']:6s} {r['batch']:5d} {r['s_per_iteration']:7.3f} {r['gflop']:6.2f} "
+                  f"{r['gflop_per_s']:8.1f} {r['matmul_share']:12.2f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
