@@ -30,7 +30,7 @@ without double backward, by central finite differences (radius ``fd_radius``); `
 (``methods/tm/gram.py``, linear heads) is naive's mathematics in the space of the synthetic pairs;
 ``lora`` (``methods/tm/lora.py``, LoRA on linear heads) computes the frozen base layer once per
 unroll. ``auto`` picks exact under pixels (naive for the LoRS family); under heads gram where it is
-cheaper (below (image + text input dims) / 2 pairs, 832 with the default encoders, and at most twice
+cheaper (below (image + text input dims) / 2 pairs, 832 with the default encoders, and at most 1.5 x
 the syn_steps x batch rows an unroll draws), lora for LoRA heads below syn_steps x batch rows, naive
 otherwise.
 

@@ -421,12 +421,12 @@ def test_auto_unroll_picks_gram_only_for_linear_heads_where_it_is_cheaper():
     assert auto.unroll_mode("pixels", [("tower.w", (3, 3))] + linear, 100) == "exact"
     assert TMConfig(unroll="naive").unroll_mode("heads", linear, 100) == "naive"
     # the LoRS family draws syn_steps x batch = 8 x 20 rows per unroll (lors 8 x 40 from 500 pairs):
-    # gram up to twice those rows, naive beyond; naive under pixels (no exact mode for it)
+    # gram up to 1.5 x those rows, naive beyond; naive under pixels (no exact mode for it)
     from methods.lors import LoRSConfig, RepBlendConfig
     lors, repblend = LoRSConfig(), RepBlendConfig()
-    assert [lors.resolved(n).unroll_mode("heads", linear, n) for n in (100, 320, 321, 500, 640, 641)] == \
-        ["gram", "gram", "naive", "gram", "gram", "naive"]
-    assert [repblend.resolved(n).unroll_mode("heads", linear, n) for n in (100, 320, 321, 1000)] == ["gram", "gram", "naive", "naive"]
+    assert [lors.resolved(n).unroll_mode("heads", linear, n) for n in (100, 240, 241, 500)] == ["gram", "gram", "naive", "naive"]
+    assert [repblend.resolved(n).unroll_mode("heads", linear, n) for n in (100, 240, 241, 1000)] == ["gram", "gram", "naive", "naive"]
+    assert TMConfig(syn_steps=8, batch_syn=40, whole_below=0).unroll_mode("heads", linear, 480) == "gram"  # 1.5 x 320
     assert lors.resolved(100).unroll_mode("pixels", [("tower.w", (3, 3))] + linear, 100) == "naive"
     with pytest.raises(BenchError, match="linear heads"):
         TMConfig(unroll="gram").unroll_mode("heads", mlp, 100)
