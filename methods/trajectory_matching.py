@@ -48,9 +48,9 @@ returns the set at the lowest 25-iteration mean matching loss, ``last`` the fina
 **Back-off on a collapse** (``keep="holdout"`` only). When a check scores below ``backoff_below``
 times the best check, the best set and its step size are restored, the optimisers' momentum is
 dropped and the lrs of the data and of the LoRS targets' factors are multiplied by ``backoff``
-(``info.backoffs``). A matching loss that is not
-finite is a collapse too (``info.diverged``; without a checked set to go back to, the cell fails). A
-run without a collapse is exactly the run without the rule.
+(``info.backoffs``). A matching loss that is not finite is a collapse too (``info.diverged``;
+without a checked set to go back to, the cell fails). A run without a collapse is exactly the run
+without the rule.
 
 **Clipping** (``grad_clip``). Each data tensor's (and each LoRS target factor's) gradient norm is
 capped at ``grad_clip`` times the median of its last ``CLIP_HISTORY`` raw norms (once
@@ -400,15 +400,17 @@ class TrajectoryMatching:
                    torch.zeros(budget, c.targets_rank)]
             sim = [t.to(dev).requires_grad_(True) for t in sim]
         opts = [torch.optim.SGD([syn_lr] + ([lr_txt] if lr_txt is not None else []), lr=c.lr_lr, momentum=c.momentum)]
+        slowed = []  # what a back-off slows: the data and the targets' factors, not the step sizes
         if sim is not None:
-            opts.append(torch.optim.SGD(sim, lr=c.lr_targets, momentum=c.momentum))
+            slowed.append(torch.optim.SGD(sim, lr=c.lr_targets, momentum=c.momentum))
         data_groups = [{"params": [x], "lr": lr} for x, lr, on in ((syn_img, c.lr_image, learn_img),
                                                                    (syn_txt, c.lr_text, learn_txt)) if on]
         if c.data_optimizer == "adam":
             data_opt = torch.optim.Adam(data_groups, betas=(c.momentum, 0.999))
         else:
             data_opt = torch.optim.SGD(data_groups, momentum=c.momentum)  # each group carries its lr
-        opts.append(data_opt)
+        slowed.append(data_opt)
+        opts += slowed
         if c.lr_schedule == "cosine":  # the data lr falls to 0 at the last iteration (the step size's lr stays)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 data_opt, lambda i: 0.5 * (1 + np.cos(np.pi * min(i, c.iterations) / c.iterations)))
@@ -472,7 +474,7 @@ class TrajectoryMatching:
                     v.copy_(kept[2][k])
             for o in opts:
                 o.state.clear()
-            for o in opts[1:]:  # the data and the targets' factors; the step sizes' lr stays
+            for o in slowed:
                 for g in o.param_groups:
                     g["lr"] *= c.backoff
             if c.lr_schedule == "cosine":
