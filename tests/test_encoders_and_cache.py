@@ -142,3 +142,27 @@ def test_fresh_student_per_seed_and_scoring_is_deterministic(tiny_protocol):
     # training on the data beats an untrained student
     untrained = tiny_protocol.score(tiny_protocol.fresh_student(0))
     assert a[0]["mean"] > untrained["mean"]
+
+
+def test_captions_are_batched_by_token_count():
+    """Batches are formed in token-count order (the padded width is what the network pays for):
+    every batch's width is the longest of its captions, widths never fall, and the padded total is
+    the one sorting by tokens gives, below sorting by characters on these captions."""
+    ds = load_dataset("synthetic", limit=(40, 2))
+    caps = ds.split("train").captions[:150] + ["a a a a a a a a", "elephant-hippopotamus rhinoceros"]
+    enc = get_encoder("minilm_l6", "text")
+    stages = enc._get()[1]
+    n_tok = np.asarray(stages.lengths(caps))
+    enc.encode(caps[:2])  # the backend is built (its export prepares a sample) before counting
+    widths, prepare = [], stages.prepare
+    stages.prepare = lambda texts: (lambda d: widths.append(d["input_ids"].shape[1]) or d)(prepare(texts))
+    try:
+        enc.batch_size = 16
+        enc.encode(caps)
+    finally:
+        stages.prepare = prepare
+    by_tokens = np.sort(n_tok)
+    expect = [by_tokens[s:s + 16].max() for s in range(0, len(caps), 16)]
+    assert widths == expect and widths == sorted(widths)
+    by_chars = n_tok[np.argsort([len(c) for c in caps], kind="stable")]
+    assert sum(w * 16 for w in expect) < sum(by_chars[s:s + 16].max() * 16 for s in range(0, len(caps), 16))
