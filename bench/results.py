@@ -11,8 +11,11 @@ at its default config, ``~<hash>`` of the config otherwise (``--set tm.lr_data=1
 default), ``@<method><its variant>`` for random pairs scored under another set's treatment.
 
 A cell file records its ``key`` (a hash of everything that decides it: protocol id, method and its
-config, budget, selection seed, eval seeds, schema version). A rerun skips a cell whose file has
-status ok and a matching key, and redoes (overwrites) anything else. ``status_lines`` (``bench
+config, budget, selection seed, eval seeds, schema version) and its ``set_key`` (the same without the
+eval seeds: which set it scores). A rerun skips a cell whose file has status ok and either the same
+key or the same set scored under every eval seed asked for (``covers``); a stored set asked for
+under more eval seeds gains the missing ones (the runner scores its stored artifact); anything else
+is redone (overwritten). ``status_lines`` (``bench
 status``) sets the last planned grid of each protocol against the cells on disk.
 """
 from __future__ import annotations
@@ -126,9 +129,14 @@ def read_grid(path: Path) -> Optional[dict]:
     return grid
 
 
-def is_done(path: Path, key: str) -> bool:
-    rec = read_cell(path)
-    return rec is not None and rec.get("status") == "ok" and rec.get("key") == key
+def covers(rec: Optional[dict], key: str, set_key: Optional[str] = None, eval_seeds=()) -> bool:
+    """Whether a stored cell record answers a planned cell: status ok and the same key, or the same
+    set (``set_key``) scored under every one of ``eval_seeds`` (and maybe more): a run with fewer eval
+    seeds never replaces one with more."""
+    if rec is None or rec.get("status") != "ok":
+        return False
+    return rec.get("key") == key or (bool(set_key) and rec.get("set_key") == set_key
+                                     and set(eval_seeds) <= set(rec.get("eval_seeds") or ()))
 
 
 def status_lines(out: Path) -> tuple[list[str], int]:
@@ -149,10 +157,12 @@ def status_lines(out: Path) -> tuple[list[str], int]:
             rec = read_cell(cell_path(out, pid, c["method"], c["budget"], c["selection_seed"], c.get("variant", "")))
             if rec is None:
                 state = "missing"
-            elif rec.get("key") != c["key"]:
-                state = "stale"
+            elif covers(rec, c["key"], c.get("set_key"), c.get("eval_seeds") or ()):
+                state = "done"
+            elif rec.get("key") == c["key"]:
+                state = "failed"
             else:
-                state = "done" if rec.get("status") == "ok" else "failed"
+                state = "stale"
             counts[state] += 1
             if state != "done":
                 b = "full" if c["budget"] is None else c["budget"]

@@ -2,7 +2,8 @@
 
 Each cell: build the method's set from the train split, save it as an artifact, score it under its
 eval seeds with the protocol, and write the cell's JSON at once (atomically). A finished cell with a
-matching key is skipped unless ``force``; a cell that raises is recorded as failed with its error and
+matching key, or holding the same set under every eval seed asked for, is skipped unless ``force``
+(``lookup``); one that holds the set under fewer eval seeds gains the rest (``extend_cell``); a cell that raises is recorded as failed with its error and
 the grid goes on; an interrupt loses at most the cell in progress.
 
 A cell is computed (``compute_cell``: record + artifact, nothing written) and then stored
@@ -50,7 +51,7 @@ from bench.progress import GridClock, cut_factor, duration
 from bench.plugins import load_plugins, origin
 from bench.protocol import Protocol, ProtocolConfig, build_protocol
 from bench.protocol.student import StudentConfig
-from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, is_done, read_cell, writable_dir
+from bench.results import artifact_path, atomic_write_json, cell_key, cell_path, covers, read_cell, writable_dir
 from datasets.base import identity_hash
 from methods import METHODS, MethodContext
 from methods.base import Artifact, config_key, method_config, pair_bytes, prepare
@@ -176,12 +177,40 @@ def key_of(cell: Cell, protocol_id: str) -> str:
                     treatment=cell.treatment)
 
 
+def set_key_of(cell: Cell, protocol_id: str) -> str:
+    """The key of the cell's set: its key without the eval seeds (the same set scored under other
+    eval seeds has the same set key)."""
+    return key_of(dataclasses.replace(cell, eval_seeds=None), protocol_id)
+
+
+def lookup(cell: Cell, protocol_id: str, run: RunConfig) -> tuple[str, Optional[dict]]:
+    """What the results folder holds for a planned cell: ``("done", rec)`` when a stored record
+    covers it (``covers``), ``("extend", rec)`` when it holds the same set under other eval seeds
+    only, else ``("run", None)`` (``--force`` always runs)."""
+    if run.force:
+        return "run", None
+    rec = read_cell(cell_path(run.out, protocol_id, cell.method, cell.budget, cell.selection_seed, cell.variant))
+    skey = set_key_of(cell, protocol_id)
+    if covers(rec, key_of(cell, protocol_id), skey, cell.eval_seeds):
+        return "done", rec
+    if rec is not None and rec.get("status") == "ok" and rec.get("set_key") == skey:
+        return "extend", rec
+    return "run", None
+
+
+def widened(cell: Cell, rec: dict) -> Cell:
+    """The cell under the stored record's eval seeds followed by the ones it lacks."""
+    held = list(rec.get("eval_seeds") or [])
+    return dataclasses.replace(cell, eval_seeds=held + [s for s in cell.eval_seeds if s not in held])
+
+
 def error_message(e: BaseException) -> str:
     return f"not applicable: {e}" if isinstance(e, NotApplicable) else f"{type(e).__name__}: {e}"
 
 
 def _record(cell: Cell, protocol: Protocol, run: RunConfig) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "key": key_of(cell, protocol.id), "protocol_id": protocol.id,
+    return {"schema_version": SCHEMA_VERSION, "key": key_of(cell, protocol.id), "set_key": set_key_of(cell, protocol.id),
+            "protocol_id": protocol.id,
             "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
             "method_group": METHODS.get(cell.method).group, "method_config": dataclasses.asdict(cell.config),
             "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
@@ -303,10 +332,14 @@ def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
 
 def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
     """One cell in this process: skip it when done (unless ``force``), else compute and store it."""
-    path = cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
-    if not run.force and is_done(path, key_of(cell, protocol.id)):
+    state, rec = lookup(cell, protocol.id, run)
+    if state == "extend":
+        cell = widened(cell, rec)
+        rec = extend_cell(rec, cell, protocol, run, log)
+        state = "done" if rec is not None else "run"
+    if state == "done":
         log(f"skip  {cell.label}: done")
-        return augment_cell(read_cell(path), cell, protocol, run, log)
+        return augment_cell(rec, cell, protocol, run, log)
     return store_cell(compute_cell(cell, protocol, run, log), run.out, log)
 
 
@@ -384,7 +417,9 @@ def _write_grid(run: RunConfig, protocol: Protocol, cells: list[Cell]) -> None:
         atomic_write_json(Path(run.out) / "grids" / f"{protocol.id}.json",
                           {"protocol_id": protocol.id, "protocol": protocol.describe(),
                            "cells": [{"method": c.method, "budget": c.budget, "selection_seed": c.selection_seed,
-                                      "variant": c.variant, "key": key_of(c, protocol.id)} for c in cells]})
+                                      "variant": c.variant, "key": key_of(c, protocol.id),
+                                      "set_key": set_key_of(c, protocol.id), "eval_seeds": c.eval_seeds}
+                                     for c in cells]})
     except OSError as e:
         raise BenchError(f"cannot write the grid file under {run.out}/grids: {e.strerror or e}") from None
 
@@ -418,10 +453,14 @@ def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, l
     recs: dict[int, dict] = {}
     todo = []
     for k, c in enumerate(mine):
-        path = cell_path(run.out, protocol.id, c.method, c.budget, c.selection_seed, c.variant)
-        if not run.force and is_done(path, key_of(c, protocol.id)):
+        state, rec = lookup(c, protocol.id, run)
+        if state == "extend":  # the stored set gains the eval seeds it lacks (or, without its artifact, is redone under all)
+            c = widened(c, rec)
+            rec = extend_cell(rec, c, protocol, run, log)
+            state = "done" if rec is not None else "run"
+        if state == "done":
             log(f"skip  {c.label}: done")
-            recs[k] = augment_cell(read_cell(path), c, protocol, run, log)
+            recs[k] = augment_cell(rec, c, protocol, run, log)
         else:
             todo.append((k, c))
     failures = prepare_methods([c for _, c in todo], protocol, run, log)
@@ -470,8 +509,7 @@ def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
     log(f"protocol {pid}: {run.protocol.dataset} (test split: {ds.test_split}), {len(cells)} cells -> {run.out}")
     rows: dict = {}
     for c in cells:
-        path = cell_path(run.out, pid, c.method, c.budget, c.selection_seed, c.variant)
-        done = not run.force and is_done(path, key_of(c, key_id))
+        done = lookup(c, key_id, run)[0] == "done"
         r = rows.setdefault((c.method + c.variant, c.budget), [0, 0, 0.0])
         r[0 if done else 1] += 1
         r[2] += 0.0 if done else clock.estimate(*_clock_key(c))
@@ -541,13 +579,8 @@ def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log:
     if not (want_curve or want_transfer):
         return rec
     try:
-        here = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
-        if rec.get("artifact"):  # the results folder may have moved since: its own copy first
-            built, _ = Artifact.load(here if here.is_file() else Path(rec["artifact"]))
-        elif cell.method in REFERENCES:
-            built = METHODS.get(cell.method)(cell.config).build(MethodContext(protocol, run.cache_dir, run.device, log),
-                                                                 cell.budget, cell.selection_seed)
-        else:
+        built = _stored_set(rec, cell, protocol, run, log)
+        if built is None:
             return rec
         recipe, native = _treat(built, cell), built.native_recipe()
         new = dict(rec)
@@ -577,6 +610,58 @@ def augment_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log:
     except Exception as e:
         log(f"warning: could not add the curve or transfer score to {cell.label}: {error_message(e)}; the cell is kept as it was")
         return rec
+
+
+def _stored_set(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log: Callable) -> Optional[Artifact]:
+    """A done cell's set without rebuilding it: its stored artifact (the results folder's own copy
+    first, as the folder may have moved), a reference row rebuilt (deterministic and cheap), or
+    None for a cell that stored no set. A missing or corrupt artifact file raises."""
+    if rec.get("artifact"):
+        here = artifact_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant)
+        return Artifact.load(here if here.is_file() else Path(rec["artifact"]))[0]
+    if cell.method in REFERENCES:
+        return METHODS.get(cell.method)(cell.config).build(MethodContext(protocol, run.cache_dir, run.device, log),
+                                                            cell.budget, cell.selection_seed)
+    return None
+
+
+def extend_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> Optional[dict]:
+    """A stored cell scored under the eval seeds ``cell`` (see ``widened``) adds to its record's: its
+    set is loaded (not rebuilt) and every score it holds gains the new seeds (native, plain,
+    transfer), under the key of all its seeds now. None when its set cannot be had (no artifact,
+    an unreadable one): the caller then redoes the cell under all the seeds."""
+    held = list(rec.get("eval_seeds") or [])
+    new_seeds = [s for s in cell.eval_seeds if s not in held]
+    try:
+        built = _stored_set(rec, cell, protocol, run, log)
+        if built is None:
+            raise BenchError("it stored no set")
+        log(f"  scoring the stored set of {cell.label} under eval seed(s) {', '.join(map(str, new_seeds))} too "
+            f"(it holds {', '.join(map(str, held))})")
+        t0 = time.time()
+        recipe = _treat(built, cell)
+        curve = CURVE_EVERY if rec.get("curve_every") else None
+        new = dict(rec, key=key_of(cell, protocol.id), eval_seeds=list(cell.eval_seeds))
+        new.update(_scores(rec["metrics_per_seed"] + protocol.evaluate(built.pairs(protocol), new_seeds, log,
+                                                                       recipe=recipe, curve_every=curve)))
+        if rec.get("plain"):
+            more = protocol.evaluate(built.pairs(protocol, plain=True), new_seeds, log, curve_every=curve)
+            new["plain"] = dict(rec["plain"], **_scores(rec["plain"]["metrics_per_seed"] + more))
+        st = transfer_student(protocol, run.transfer)
+        if rec.get("transfer") and st is not None and rec["transfer"].get("student") == st.identity():
+            more = protocol.evaluate(built.pairs(protocol), new_seeds, log, recipe=recipe, student=st)
+            new["transfer"] = dict(rec["transfer"], **_scores(rec["transfer"]["metrics_per_seed"] + more))
+        else:  # another transfer student (or none): augment_cell scores the one this run asks for
+            new.pop("transfer", None)
+        new["timings"] = dict(rec.get("timings") or {}, extend_s=round(time.time() - t0, 2))
+        atomic_write_json(cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant), new)
+        return new
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        log(f"warning: cannot score the stored set of {cell.label} under more eval seeds ({error_message(e)}); "
+            f"the cell is redone under eval seeds {', '.join(map(str, cell.eval_seeds))}")
+        return None
 
 
 def _same_scores(a: list[dict], b: list[dict]) -> bool:

@@ -199,3 +199,39 @@ def test_list_commands(capsys):
     assert "synthetic" in capsys.readouterr().out
     assert main(["list", "encoders"]) == 0
     assert "effnet_lite0" in capsys.readouterr().out
+
+
+def test_more_eval_seeds_extend_a_stored_cell_and_fewer_never_replace_it(tmp_path, cache, capsys):
+    """A cell asked for under more eval seeds than it holds scores its stored set under the missing
+    ones (the set is not rebuilt); one asked for under fewer is skipped. Reference: a fresh folder
+    run under all the seeds at once gives the same numbers."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1") == 0
+    art = next((a / "artifacts").rglob("random/10_s0.pt"))
+    art_mtime = art.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1", "--eval-seeds", "3") == 0
+    log = capsys.readouterr().out
+    assert "scoring the stored set of random @ 10 (seed 0) under eval seed(s) 1, 2 too" in log
+    assert "run   random" not in log and art.stat().st_mtime_ns == art_mtime  # the set was not rebuilt
+    assert run(b, cache, "--methods", "random", "--ipc", "10", "--seeds", "1", "--eval-seeds", "3") == 0
+
+    def recs(out):
+        return {(r["method"], r["budget"]): r for r in map(lambda f: json.loads(f.read_text()), cells(out))}
+
+    got, ref = recs(a), recs(b)
+    assert set(got) == set(ref) == {("random", 10), ("full", None), ("full_tuned", None)}
+    drop = lambda ms: [{k: v for k, v in m.items() if k != "train_s"} for m in ms]  # noqa: E731
+    for k, r in ref.items():
+        g = got[k]
+        assert g["eval_seeds"] == r["eval_seeds"] == [0, 1, 2] and g["key"] == r["key"]
+        assert drop(g["metrics_per_seed"]) == drop(r["metrics_per_seed"]) and g["metrics_mean"] == r["metrics_mean"]
+    assert drop(got["random", 10]["transfer"]["metrics_per_seed"]) == drop(ref["random", 10]["transfer"]["metrics_per_seed"])
+    # fewer eval seeds: every cell is skipped and nothing is rewritten
+    mtimes = {f: f.stat().st_mtime_ns for f in cells(a)}
+    capsys.readouterr()
+    assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1") == 0
+    assert capsys.readouterr().out.count("skip") == 3 and {f: f.stat().st_mtime_ns for f in cells(a)} == mtimes
+    assert recs(a)["full", None]["eval_seeds"] == [0, 1, 2]
+    assert main(["status", "--out", str(a)]) == 0
+    assert "3 done, 0 missing, 0 failed of 3" in capsys.readouterr().out

@@ -22,7 +22,7 @@ GRID = ["--methods", "random,herding,test_tm", "--ipc", "5,10", "--seeds", "2"]
 # two full-data references + 3 methods x 2 budgets x 2 seeds + random under test_tm's step size (fairness views)
 N_GRID = 2 + 3 * 2 * 2 + 2 * 2
 # the keys of a cell file, in order, as the local runner writes them
-BASE_KEYS = ["schema_version", "key", "protocol_id", "protocol", "dataset", "method", "method_group", "method_config",
+BASE_KEYS = ["schema_version", "key", "set_key", "protocol_id", "protocol", "dataset", "method", "method_group", "method_config",
              "budget", "selection_seed", "eval_seeds", "variant", "variant_label", "pair_bytes", "manifest"]
 OK_KEYS = BASE_KEYS + ["status", "n_pairs", "storage_bytes", "learned_lr", "metrics_per_seed", "metrics_mean",
                        "artifact", "info", "timings", "transfer", "curve_every"]
