@@ -235,3 +235,16 @@ def test_more_eval_seeds_extend_a_stored_cell_and_fewer_never_replace_it(tmp_pat
     assert recs(a)["full", None]["eval_seeds"] == [0, 1, 2]
     assert main(["status", "--out", str(a)]) == 0
     assert "3 done, 0 missing, 0 failed of 3" in capsys.readouterr().out
+
+
+def test_covers_needs_an_ok_record_of_the_same_set_with_every_eval_seed_asked_for():
+    from bench.results import covers
+
+    rec = {"status": "ok", "key": "k012", "set_key": "s", "eval_seeds": [0, 1, 2]}
+    assert covers(rec, "k012") and covers(rec, "k0", "s", [0]) and covers(rec, "k20", "s", [2, 0])
+    assert not covers(rec, "k03", "s", [0, 3])  # a seed it lacks
+    assert not covers(rec, "k0", "other set", [0])
+    assert not covers(dict(rec, status="failed"), "k012", "s", [0, 1, 2])
+    old = {"status": "ok", "key": "k012", "eval_seeds": [0, 1, 2]}  # a record from before set keys
+    assert covers(old, "k012") and not covers(old, "k0", None, [0]) and not covers(old, "k0", "s", [0])
+    assert not covers(None, "k012")
