@@ -15,8 +15,8 @@ config, budget, selection seed, eval seeds, schema version) and its ``set_key`` 
 eval seeds: which set it scores). A rerun skips a cell whose file has status ok and either the same
 key or the same set scored under every eval seed asked for (``covers``); a stored set asked for
 under more eval seeds gains the missing ones (the runner scores its stored artifact); anything else
-is redone (overwritten). ``status_lines`` (``bench
-status``) sets the last planned grid of each protocol against the cells on disk.
+is redone (overwritten). ``status_lines`` (``bench status``) sets the last planned grid of each
+protocol against the cells on disk.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Each cell: build the method's set from the train split, save it as an artifact, score it under its
 eval seeds with the protocol, and write the cell's JSON at once (atomically). A finished cell with a
 matching key, or holding the same set under every eval seed asked for, is skipped unless ``force``
-(``lookup``); one that holds the set under fewer eval seeds gains the rest (``extend_cell``); a cell that raises is recorded as failed with its error and
-the grid goes on; an interrupt loses at most the cell in progress.
+(``lookup``); one holding the set under fewer eval seeds gains the rest (``extend_cell``). A cell
+that raises is recorded as failed with its error and the grid goes on; an interrupt loses at most
+the cell in progress.
 
 A cell is computed (``compute_cell``: record + artifact, nothing written) and then stored
 (``store_cell``: the artifact and the cell JSON, atomically) by the driver, whichever executor
@@ -204,14 +205,23 @@ def widened(cell: Cell, rec: dict) -> Cell:
     return dataclasses.replace(cell, eval_seeds=held + [s for s in cell.eval_seeds if s not in held])
 
 
+def stored(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable) -> tuple[Cell, Optional[dict]]:
+    """The cell as it will be (widened when its stored set gains eval seeds) and its stored record
+    when nothing is left to compute; None when it must be computed (``lookup``, ``extend_cell``)."""
+    state, rec = lookup(cell, protocol.id, run)
+    if state == "extend":  # or, without its artifact, redone under all the seeds
+        cell = widened(cell, rec)
+        rec = extend_cell(rec, cell, protocol, run, log)
+    return cell, rec
+
+
 def error_message(e: BaseException) -> str:
     return f"not applicable: {e}" if isinstance(e, NotApplicable) else f"{type(e).__name__}: {e}"
 
 
 def _record(cell: Cell, protocol: Protocol, run: RunConfig) -> dict:
     return {"schema_version": SCHEMA_VERSION, "key": key_of(cell, protocol.id), "set_key": set_key_of(cell, protocol.id),
-            "protocol_id": protocol.id,
-            "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
+            "protocol_id": protocol.id, "protocol": protocol.describe(), "dataset": protocol.cfg.dataset, "method": cell.method,
             "method_group": METHODS.get(cell.method).group, "method_config": dataclasses.asdict(cell.config),
             "budget": cell.budget, "selection_seed": cell.selection_seed, "eval_seeds": cell.eval_seeds,
             "variant": cell.variant, "variant_label": config_label(cell.config), "pair_bytes": pair_bytes(protocol),
@@ -332,12 +342,8 @@ def store_cell(result: CellResult, out: Path, log: Callable = print) -> dict:
 
 def run_cell(cell: Cell, protocol: Protocol, run: RunConfig, log: Callable = print) -> dict:
     """One cell in this process: skip it when done (unless ``force``), else compute and store it."""
-    state, rec = lookup(cell, protocol.id, run)
-    if state == "extend":
-        cell = widened(cell, rec)
-        rec = extend_cell(rec, cell, protocol, run, log)
-        state = "done" if rec is not None else "run"
-    if state == "done":
+    cell, rec = stored(cell, protocol, run, log)
+    if rec is not None:
         log(f"skip  {cell.label}: done")
         return augment_cell(rec, cell, protocol, run, log)
     return store_cell(compute_cell(cell, protocol, run, log), run.out, log)
@@ -453,12 +459,8 @@ def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, l
     recs: dict[int, dict] = {}
     todo = []
     for k, c in enumerate(mine):
-        state, rec = lookup(c, protocol.id, run)
-        if state == "extend":  # the stored set gains the eval seeds it lacks (or, without its artifact, is redone under all)
-            c = widened(c, rec)
-            rec = extend_cell(rec, c, protocol, run, log)
-            state = "done" if rec is not None else "run"
-        if state == "done":
+        c, rec = stored(c, protocol, run, log)
+        if rec is not None:
             log(f"skip  {c.label}: done")
             recs[k] = augment_cell(rec, c, protocol, run, log)
         else:
