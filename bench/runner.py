@@ -499,8 +499,9 @@ def _run_cells(mine: list[Cell], protocol: Protocol, run: RunConfig, executor, l
 
 
 def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
-    """Print the plan (cells per method and budget, done or to run, estimated time) without computing
-    anything: the dataset is read and the encoders named, but no feature, expert or cell is computed."""
+    """Print the plan (cells per method and budget: done, to score under more eval seeds, to run; the
+    estimated time) without computing anything: the dataset is read and the encoders named, but no
+    feature, expert or cell is computed."""
     from bench.protocol.core import planned_protocol
 
     check_run(run)
@@ -511,24 +512,34 @@ def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
     log(f"protocol {pid}: {run.protocol.dataset} (test split: {ds.test_split}), {len(cells)} cells -> {run.out}")
     rows: dict = {}
     for c in cells:
-        done = lookup(c, key_id, run)[0] == "done"
-        r = rows.setdefault((c.method + c.variant, c.budget), [0, 0, 0.0])
-        r[0 if done else 1] += 1
-        r[2] += 0.0 if done else clock.estimate(*_clock_key(c))
-    log(f"{'method':24s} {'budget':>6s} {'done':>5s} {'to run':>6s} {'estimate':>9s}")
-    for (m, b), (done, todo, secs) in rows.items():
-        log(f"{m:24s} {'full' if b is None else b:>6} {done:5d} {todo:6d} {duration(secs):>9s}")
-    total = sum(r[2] for r in rows.values())
-    log(f"total: {sum(r[1] for r in rows.values())} cells to run, estimated {duration(total)} on this machine's "
-        f"measured cell times (2-core priors where none were measured)"
-        + ("; then the fairness views' cells (evaluation only)" if run.fairness else ""))
+        state, rec = lookup(c, key_id, run)
+        r = rows.setdefault((c.method + c.variant, c.budget), [0, 0, 0, 0.0])
+        r[("done", "extend", "run").index(state)] += 1
+        r[3] += {"done": 0.0, "extend": _extend_estimate(rec, c), "run": clock.estimate(*_clock_key(c))}[state]
+    log(f"{'method':24s} {'budget':>6s} {'done':>5s} {'extend':>6s} {'to run':>6s} {'estimate':>9s}")
+    for (m, b), (done, extend, todo, secs) in rows.items():
+        log(f"{m:24s} {'full' if b is None else b:>6} {done:5d} {extend:6d} {todo:6d} {duration(secs):>9s}")
+    total = sum(r[3] for r in rows.values())
+    log(f"total: {sum(r[2] for r in rows.values())} cells to run and {sum(r[1] for r in rows.values())} to score "
+        f"under more eval seeds, estimated {duration(total)} on this machine's measured cell times (2-core priors "
+        f"where none were measured)" + ("; then the fairness views' cells (evaluation only)" if run.fairness else ""))
     return cells
+
+
+def _extend_estimate(rec: dict, cell: Cell) -> float:
+    """Seconds to score a stored set under the eval seeds it lacks: its stored evaluation time per
+    eval seed (every score it holds: native, plain, transfer) times the seeds it gains."""
+    held = list(rec.get("eval_seeds") or [])
+    new = [s for s in cell.eval_seeds if s not in held]
+    eval_s = ((rec.get("timings") or {}).get("eval_s") or 0.0)
+    return eval_s / max(len(held), 1) * len(new)
 
 
 def treatment_of(rec: dict, lr_policy: str) -> Optional[dict]:
     """What a finished set is trained with beyond the protocol's defaults, as a treated random cell
     takes it: learned step sizes (when the recipe uses them) and its native recipe fields (its loss);
-    None for a set that has neither (it is compared with plain random pairs)."""
+    None for a set that has neither (it is compared with plain random pairs). The source is named by
+    its set key, so a treated cell stays the same set when its source gains eval seeds."""
     learned = lr_policy == "learned"
     lr = rec.get("learned_lr") if learned else None
     lr_text = (rec.get("info") or {}).get("learned_lr_text") if learned else None
@@ -536,7 +547,7 @@ def treatment_of(rec: dict, lr_policy: str) -> Optional[dict]:
     if lr is None and lr_text is None and recipe is None:
         return None
     return {"of": rec["method"], "variant": rec.get("variant", ""), "of_label": rec.get("variant_label", ""),
-            "source_key": rec["key"], "lr": lr,
+            "source_key": rec.get("set_key") or rec["key"], "lr": lr,
             "lr_text": lr_text, "recipe": recipe}
 
 
@@ -655,7 +666,9 @@ def extend_cell(rec: dict, cell: Cell, protocol: Protocol, run: RunConfig, log: 
             new["transfer"] = dict(rec["transfer"], **_scores(rec["transfer"]["metrics_per_seed"] + more))
         else:  # another transfer student (or none): augment_cell scores the one this run asks for
             new.pop("transfer", None)
-        new["timings"] = dict(rec.get("timings") or {}, extend_s=round(time.time() - t0, 2))
+        held_t = rec.get("timings") or {}
+        extend_s = round(time.time() - t0, 2)
+        new["timings"] = dict(held_t, extend_s=extend_s, eval_s=round((held_t.get("eval_s") or 0.0) + extend_s, 2))
         atomic_write_json(cell_path(run.out, protocol.id, cell.method, cell.budget, cell.selection_seed, cell.variant), new)
         return new
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.progress import duration
 from methods.base import Artifact, register_method, METHODS
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
@@ -209,7 +210,14 @@ def test_more_eval_seeds_extend_a_stored_cell_and_fewer_never_replace_it(tmp_pat
     assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1") == 0
     art = next((a / "artifacts").rglob("random/10_s0.pt"))
     art_mtime = art.stat().st_mtime_ns
+    eval_s = {r["method"]: r["timings"]["eval_s"] for r in map(lambda f: json.loads(f.read_text()), cells(a))}
     capsys.readouterr()
+    # the plan counts them as cells to extend, at their stored evaluation time per eval seed
+    assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1", "--eval-seeds", "3", "--dry-run") == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split()[2:5] for line in plan if line.startswith("random ")] == [["0", "1", "0"]]
+    est = duration(sum(2 * s for s in eval_s.values()))
+    assert plan[-1].startswith(f"total: 0 cells to run and 3 to score under more eval seeds, estimated {est} ")
     assert run(a, cache, "--methods", "random", "--ipc", "10", "--seeds", "1", "--eval-seeds", "3") == 0
     log = capsys.readouterr().out
     assert "scoring the stored set of random @ 10 (seed 0) under eval seed(s) 1, 2 too" in log
@@ -227,6 +235,9 @@ def test_more_eval_seeds_extend_a_stored_cell_and_fewer_never_replace_it(tmp_pat
         assert g["eval_seeds"] == r["eval_seeds"] == [0, 1, 2] and g["key"] == r["key"]
         assert drop(g["metrics_per_seed"]) == drop(r["metrics_per_seed"]) and g["metrics_mean"] == r["metrics_mean"]
     assert drop(got["random", 10]["transfer"]["metrics_per_seed"]) == drop(ref["random", 10]["transfer"]["metrics_per_seed"])
+    for k, g in got.items():  # the evaluation time counts the seeds scored later
+        t = g["timings"]
+        assert t["eval_s"] == pytest.approx(eval_s[k[0]] + t["extend_s"], abs=0.011) and t["extend_s"] > 0
     # fewer eval seeds: every cell is skipped and nothing is rewritten
     mtimes = {f: f.stat().st_mtime_ns for f in cells(a)}
     capsys.readouterr()

@@ -89,7 +89,7 @@ def test_bytes_matched_coresets_have_floor_bytes_over_pair_bytes_pairs(tiny_prot
     assert matched_pairs(10 * bpp + bpp - 1, bpp) == 10 and matched_pairs(10 * bpp + bpp, bpp) == 11
     lors = METHODS.get("lors")
     cells = [Cell("lors", 10, s, [s], method_config(lors, {})) for s in (0, 1)]
-    recs = [{"status": "ok", "method": "lors", "key": f"k{s}", "variant": "", "variant_label": "",
+    recs = [{"status": "ok", "method": "lors", "key": f"k{s}", "set_key": f"set{s}", "variant": "", "variant_label": "",
              "learned_lr": 0.5, "info": {"learned_lr_text": 0.4}, "native": {"loss": "wbce"},
              "storage_bytes": 10 * bpp + extra} for s, extra in ((0, 3 * bpp + 17), (1, 8))]
     planned = view_cells(cells, recs, tiny_protocol, RunConfig())
@@ -102,8 +102,10 @@ def test_bytes_matched_coresets_have_floor_bytes_over_pair_bytes_pairs(tiny_prot
         [("herding", 10, 1), ("herding", 13, 0), ("random", 13, 0)]
     treated = [c for c in planned if c.view == "treated"]
     assert [(c.method, c.budget, c.selection_seed) for c in treated] == [("random", 10, 0), ("random", 10, 1)]
-    assert treated[0].treatment | {} == {"of": "lors", "variant": "", "of_label": "", "source_key": "k0", "lr": 0.5,
+    # the source is named by its set key (unchanged when it gains eval seeds); a record from before set keys by its key
+    assert treated[0].treatment | {} == {"of": "lors", "variant": "", "of_label": "", "source_key": "set0", "lr": 0.5,
                                          "lr_text": 0.4, "recipe": {"loss": "wbce"}}
+    assert treatment_of({k: v for k, v in recs[0].items() if k != "set_key"}, "learned")["source_key"] == "k0"
     assert treated[0].variant == "@lors"
     # under a fixed step size only the loss is a treatment; without either there is none
     assert treatment_of(recs[0], "fixed")["lr"] is None
@@ -158,7 +160,7 @@ def test_configs_get_their_own_result_folders():
     assert Path(f"runs/cells/{PID}/tm/100_s0.json") in paths and len(paths) == 2
 
 
-def test_a_tiny_grid_has_treated_random_transfer_scores_and_augments_done_cells(tmp_path, cache):
+def test_a_tiny_grid_has_treated_random_transfer_scores_and_augments_done_cells(tmp_path, cache, capsys):
     out = tmp_path / "runs"
     args = ["run", "--methods", "test_lors", "--ipc", "6", "--seeds", "2", "--out", str(out), "--cache-dir",
             str(cache), "--set", "test_lors.iterations=4", *TINY]
@@ -186,3 +188,11 @@ def test_a_tiny_grid_has_treated_random_transfer_scores_and_augments_done_cells(
     assert "| test_lors [iterations=4] | 6 | own | 2 |" in fair
     md = next(p for p in (out / "report").glob("synthetic_*.md") if "_fairness" not in p.name).read_text()
     assert md.count("| Random |") == 1  # the treated random cells are not a row of the main table
+    # a second eval seed: every stored set, the treated random ones too, is scored under it, none rebuilt
+    capsys.readouterr()
+    assert main(args + ["--eval-seeds", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "run   " not in log and log.count("scoring the stored set of") == len(cells)
+    third = {p.relative_to(out / "cells").as_posix(): json.loads(p.read_text()) for p in (out / "cells").rglob("*.json")}
+    assert set(third) == set(cells)
+    assert all(len(v["eval_seeds"]) == 2 * len(cells[k]["eval_seeds"]) for k, v in third.items())

@@ -32,7 +32,7 @@ def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, capsys):
     # test_tm plus the random cells the gain-over-random view needs, and the two reference rows
     rows = {tuple(line.split()[:2]) for line in lines[2:-1]}
     assert {("test_tm", "10"), ("test_tm", "20"), ("random", "10"), ("random", "20"), ("full", "full")} <= rows
-    assert lines[-1].startswith("total: 10 cells to run, estimated ")
+    assert lines[-1].startswith("total: 10 cells to run and 0 to score under more eval seeds, estimated ")
     assert not out.exists() and not cache.exists()
 
 
