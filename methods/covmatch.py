@@ -78,6 +78,9 @@ class CovMatchConfig:
     grad_clip: float = field(default=0.0, metadata=OMIT_DEFAULT)
     check_every: int = 500
     holdout_images: int = 1000
+    # keep=holdout: stop once this many checks in a row score no better than the best (0 = never; see
+    # methods/holdout.py): the kept set is the whole run's unless a later check would have beaten it
+    patience: int = field(default=0, metadata=OMIT_DEFAULT)
 
     AUTO_FIELDS = tuple(COVMATCH_TABLE[100])
 
@@ -86,8 +89,8 @@ class CovMatchConfig:
             raise BenchError(f"covmatch keep must be holdout or last, not {self.keep!r}")
         if self.batch_real < 2 or (self.batch_syn not in (0, AUTO) and self.batch_syn < 2):
             raise BenchError(f"covmatch batch_real must be >= 2 and batch_syn 0 or >= 2, not {self.batch_real}, {self.batch_syn}")
-        if self.reset_every < 1 or self.check_every < 1 or (self.iterations < 1 and self.iterations != AUTO):
-            raise BenchError("covmatch iterations, reset_every and check_every must be >= 1")
+        if self.reset_every < 1 or self.check_every < 1 or (self.iterations < 1 and self.iterations != AUTO) or self.patience < 0:
+            raise BenchError("covmatch iterations, reset_every and check_every must be >= 1 and patience >= 0")
 
     def resolved(self, budget: int) -> "CovMatchConfig":
         listed = sorted(COVMATCH_TABLE)
@@ -110,7 +113,7 @@ class CovMatch:
         rng = np.random.default_rng(seed)
         tr = p.train
         cap = tr.caption_image.numpy()
-        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every, c.patience) if c.keep == "holdout" else None
         rest = ho.rest if ho is not None else np.arange(tr.n_images)
         init = random_pairs(cap, budget, rng, images=rng.choice(rest, size=budget, replace=False))
         real = np.flatnonzero(np.isin(cap, rest))
@@ -127,6 +130,7 @@ class CovMatch:
             state = (syn_img.detach().clone(), syn_txt.detach().clone())
             ho.check(it, state, PairSet.aligned(*state))
 
+        done = c.iterations  # iterations run (fewer when ``patience`` stops the run)
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
             if ho is not None:
@@ -153,16 +157,20 @@ class CovMatch:
                 online_opt.step()
                 if ho is not None and ho.due(it + 1):
                     check(it + 1)
+                    if ho.stale():
+                        bar.update(1)
+                        done = it + 1
+                        break
                 bar.update(1)
                 if it % 100 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4g}", **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
-        kept_it, final = c.iterations, (syn_img.detach(), syn_txt.detach())
+        kept_it, final = done, (syn_img.detach(), syn_txt.detach())
         if ho is not None:
             kept_it, final = ho.result(kept_it, final)
         k = max(1, min(50, len(losses) // 4))
         info = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                 "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "init_caption_indices": init.tolist(),
-                "seconds_per_iteration": round((time.time() - t0) / c.iterations, 4),
+                "seconds_per_iteration": round((time.time() - t0) / done, 4),
                 "resolved": {f: getattr(c, f) for f in c.AUTO_FIELDS}}
         if ho is not None:
             info.update(ho.info())

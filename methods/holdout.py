@@ -5,7 +5,9 @@ A fixed part of the train split (``holdout_images``: at most a fifth of its imag
 seed, the same for every budget, seed and variant) never initialises the set and is never matched
 against. Every ``every`` iterations (and at 0 and the last) a student trained on the set under the
 protocol's recipe is scored on it; the best-scoring set is returned (ties keep the earlier one).
-Early stopping on train data: val and test are never looked at.
+Early stopping on train data: val and test are never looked at. With ``patience`` P > 0 the method
+stops once P checks in a row bring no better score (``stale``): the same set is kept as by the
+whole run whenever no later check would have beaten it, at the cost of the iterations saved.
 """
 from __future__ import annotations
 
@@ -37,12 +39,13 @@ class HeldOut:
     and remembers it when it is the best so far (``kept``: minus the score, the iteration, the state);
     ``curve`` is every check's (iteration, score)."""
 
-    def __init__(self, protocol, budget: int, wanted: int, seed: int, iterations: int, every: int):
+    def __init__(self, protocol, budget: int, wanted: int, seed: int, iterations: int, every: int, patience: int = 0):
         tr = protocol.train
         self.images = holdout_images(tr.n_images, budget, wanted)
         self.split = tr.images_subset(self.images)
         self.rest = np.setdiff1d(np.arange(tr.n_images), self.images)
         self.protocol, self.seed, self.iterations, self.every = protocol, seed, iterations, every
+        self.patience = patience
         self.curve: list[tuple[int, float]] = []
         self.kept: tuple = (float("inf"), iterations, None)
 
@@ -63,9 +66,14 @@ class HeldOut:
             self.kept = (-score, it, state)
         return score
 
+    def stale(self) -> bool:
+        """Whether the last ``patience`` checks (0: never) all came after the best one."""
+        return self.patience > 0 and sum(it > self.kept[1] for it, _ in self.curve) >= self.patience
+
     def result(self, last_iteration: int, last_state) -> tuple:
         """(iteration, state) of the set to return: the best checked one, else the last."""
         return (self.kept[1], self.kept[2]) if self.kept[2] is not None else (last_iteration, last_state)
 
     def info(self) -> dict:
-        return {"holdout_images": len(self.images), "holdout_curve": self.curve}
+        stopped = {"stopped_at": self.curve[-1][0]} if self.curve and self.curve[-1][0] < self.iterations else {}
+        return {"holdout_images": len(self.images), "holdout_curve": self.curve} | stopped

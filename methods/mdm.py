@@ -21,7 +21,7 @@ that trains the best student on held-out train images, ``last`` the final set.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from bench.progress import progress
 from bench.protocol.student import contrastive_loss
 from bench.protocol.training import PairSet
 from datasets.features import default_cache_dir
-from methods.base import Artifact, MethodContext, register_method
+from methods.base import OMIT_DEFAULT, Artifact, MethodContext, register_method
 from methods.coreset_features import candidate_features, check_budget
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, trainable, unflatten
 from methods.holdout import HeldOut
@@ -122,6 +122,9 @@ class MDMConfig:
     keep: str = "holdout"  # holdout | last
     check_every: int = 100
     holdout_images: int = 1000
+    # keep=holdout: stop once this many checks in a row score no better than the best (0 = never; see
+    # methods/holdout.py): the kept set is the whole run's unless a later check would have beaten it
+    patience: int = field(default=0, metadata=OMIT_DEFAULT)
     # the expert buffer: tm's (same fields, same key), so the two share it
     n_experts: int = 5
     expert_train_epochs: int = 10
@@ -139,8 +142,8 @@ class MDMConfig:
             raise BenchError("mdm sigma must be > 0, grad_clip and mmd_weight >= 0")
         if not 0 <= self.max_start_epoch <= self.expert_train_epochs:
             raise BenchError(f"mdm max_start_epoch must be in [0, expert_train_epochs], not {self.max_start_epoch}")
-        if self.iterations < 1 or self.check_every < 1 or self.kmeans_iter < 1:
-            raise BenchError("mdm iterations, check_every and kmeans_iter must be >= 1")
+        if self.iterations < 1 or self.check_every < 1 or self.kmeans_iter < 1 or self.patience < 0:
+            raise BenchError("mdm iterations, check_every and kmeans_iter must be >= 1 and patience >= 0")
 
     def experts(self) -> ExpertConfig:
         return ExpertConfig(n_experts=self.n_experts, epochs=self.expert_train_epochs, lr=self.expert_lr,
@@ -170,7 +173,7 @@ class MDM:
 
         tr = p.train
         cap = tr.caption_image.numpy()
-        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every, c.patience) if c.keep == "holdout" else None
         rest = ho.rest if ho is not None else np.arange(tr.n_images)
         x, caps = candidate_features(p.features_train)
         check_budget(budget, len(rest), "mdm")
@@ -203,6 +206,7 @@ class MDM:
             w = interpolated_teacher(w0, picks[0], picks[1], spec).to(dev)
             return unflatten(w, spec) | frozen
 
+        done = c.iterations  # iterations run (fewer when ``patience`` stops the run)
         with torch.random.fork_rng(devices=[]), progress(total=c.iterations, desc=f"{self.name} {budget}", unit="it") as bar:
             torch.manual_seed(seed)
             if ho is not None:
@@ -226,17 +230,21 @@ class MDM:
                 losses.append(loss.item())
                 if ho is not None and ho.due(it + 1):
                     check(it + 1)
+                    if ho.stale():
+                        bar.update(1)
+                        done = it + 1
+                        break
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
-        kept_it, final = c.iterations, (syn_img.detach(), syn_txt.detach())
+        kept_it, final = done, (syn_img.detach(), syn_txt.detach())
         if ho is not None:
             kept_it, final = ho.result(kept_it, final)
         k = max(1, min(50, len(losses) // 4))
         info = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                 "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "init_seconds": init_s,
                 "experts_key": buffer.key, "init_caption_indices": init.tolist(),
-                "seconds_per_iteration": round((time.time() - t0) / c.iterations, 4)}
+                "seconds_per_iteration": round((time.time() - t0) / done, 4)}
         if ho is not None:
             info.update(ho.info())
         ctx.log(f"  {self.name}: loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}, "

@@ -116,6 +116,9 @@ class TMConfig:
     keep: str = "holdout"
     check_every: int = 50
     holdout_images: int = 1000  # at most a fifth of the train images; never used to initialise the set
+    # keep=holdout: stop once this many checks in a row score no better than the best (0 = never; see
+    # methods/holdout.py): the kept set is the whole run's unless a later check would have beaten it
+    patience: int = field(default=0, metadata=OMIT_DEFAULT)
     # keep="holdout": when a check scores below ``backoff_below`` times the best one (a collapse), the
     # best set is restored and the data lr multiplied by ``backoff`` (1 = restore only; backoff_below
     # 0 = never): the paper's lr 1000 can throw a good set away late in the run
@@ -167,8 +170,9 @@ class TMConfig:
             raise BenchError(f"tm grad_clip must be >= 0 (0 = off), not {self.grad_clip}")
         if (self.batch_syn < 1 and self.batch_syn != AUTO) or self.whole_below < 0:
             raise BenchError(f"tm batch_syn must be >= 1 and whole_below >= 0, not {self.batch_syn}, {self.whole_below}")
-        if self.check_every < 1 or self.holdout_images < 1:
-            raise BenchError(f"tm check_every and holdout_images must be >= 1, not {self.check_every}, {self.holdout_images}")
+        if self.check_every < 1 or self.holdout_images < 1 or self.patience < 0:
+            raise BenchError(f"tm check_every and holdout_images must be >= 1 and patience >= 0, not {self.check_every}, "
+                             f"{self.holdout_images}, {self.patience}")
         if self.match not in ("joint", "per_head"):
             raise BenchError(f"tm match must be joint or per_head, not {self.match!r}")
         if self.targets_rank < 0 and self.targets_rank != AUTO:
@@ -376,7 +380,7 @@ class TrajectoryMatching:
 
         rng = np.random.default_rng(seed)
         cap = p.train.caption_image.numpy()
-        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every) if c.keep == "holdout" else None
+        ho = HeldOut(p, budget, c.holdout_images, seed, c.iterations, c.check_every, c.patience) if c.keep == "holdout" else None
         if ho is not None:  # the set starts from images outside the held-out part
             init = random_pairs(cap, budget, rng, images=rng.choice(ho.rest, size=budget, replace=False))
         else:
@@ -419,6 +423,7 @@ class TrajectoryMatching:
         temp = p.cfg.student.temperature
         bs = c.unroll_batch(budget)
         losses, t0, rss_early = [], time.time(), _rss_mb()
+        done = c.iterations  # iterations run (fewer when ``patience`` stops the run)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         # keep="best": (25-iteration mean matching loss; iteration; its state, see snapshot); holdout: ho.kept
@@ -517,13 +522,17 @@ class TrajectoryMatching:
                     if round(score, 2) < c.backoff_below * -ho.kept[0] and it + 1 < c.iterations:  # a collapse: back to the best set, slower
                         backoff(ho.kept)
                         backoffs.append(it + 1)
+                    elif ho.stale():
+                        bar.update(1)
+                        done = it + 1
+                        break
                 if it == max(1, c.iterations // 10):
                     rss_early = _rss_mb()
                 bar.update(1)
                 if it % 50 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{syn_lr.item():.3g}",
                                     **({"held_out": ho.curve[-1][1]} if ho and ho.curve else {}))
-        kept_it, final = c.iterations, snapshot()
+        kept_it, final = done, snapshot()
         if ho is not None:
             kept_it, final = ho.result(kept_it, final)
         elif c.keep == "best" and kept[2] is not None:
@@ -534,7 +543,7 @@ class TrajectoryMatching:
                 "learned_lr": final_set.lr, "kept_iteration": kept_it, "seconds": round(time.time() - t0, 1), "experts_key": buffer.key,
                 "experts_disk_bytes": buffer.disk_bytes(), "rss_mb_early": rss_early, "rss_mb_end": _rss_mb(),
                 "init_caption_indices": init.tolist(), "unroll": mode, "unroll_batch": bs,
-                "seconds_per_iteration": round((time.time() - t0) / max(1, c.iterations), 3)}
+                "seconds_per_iteration": round((time.time() - t0) / max(1, done), 3)}
         if c.grad_clip > 0:
             info["clipped"] = clipped
         if ho is not None:

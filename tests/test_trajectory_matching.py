@@ -226,6 +226,30 @@ def test_backoff_restores_the_best_set_and_scales_the_data_lr(tiny_protocol, cac
         build("test_tm", tiny_protocol, cache, backoff=0)
 
 
+@pytest.mark.parametrize("name", ["test_tm", "test_lors", "test_mdm", "test_covmatch"])
+def test_patience_stops_after_that_many_checks_without_a_better_score(tiny_protocol, cache, name):
+    # checks at iterations 0, 1, ... score 10, 20, 15, 18, 12, 25, 11: with patience 3 the run stops at
+    # the check of iteration 4 (three after the best, 20 at 1) and returns the set of iteration 1, the
+    # one the whole run returns when no later check beats it; with patience 4, 25 at 5 comes in time
+    opts = dict(iterations=6, check_every=1) | ({"backoff_below": 0} if name in ("test_tm", "test_lors") else {})
+    if name == "test_covmatch":
+        opts["reset_every"] = 3
+    p, seen = _scripted_checks(tiny_protocol, [10, 20, 15, 18, 12, 25, 11])
+    whole = build(name, p, cache, **opts)
+    assert whole.info["kept_iteration"] == 5 and "stopped_at" not in whole.info
+    assert torch.equal(whole.image, seen[5][0])
+    p, seen3 = _scripted_checks(tiny_protocol, [10, 20, 15, 18, 12, 25, 11])
+    three = build(name, p, cache, patience=3, **opts)
+    assert three.info["stopped_at"] == 4 and [it for it, _ in three.info["holdout_curve"]] == [0, 1, 2, 3, 4]
+    assert three.info["kept_iteration"] == 1 and torch.equal(three.image, seen[1][0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(seen3, seen))  # the same run up to the stop
+    p, _ = _scripted_checks(tiny_protocol, [10, 20, 15, 18, 12, 25, 11])
+    four = build(name, p, cache, patience=4, **opts)
+    assert four.info["kept_iteration"] == 5 and torch.equal(four.image, whole.image)
+    with pytest.raises(BenchError, match="patience >= 0"):
+        build(name, tiny_protocol, cache, patience=-1)
+
+
 def test_backoff_slows_the_lors_targets_factors_like_the_data(tiny_protocol, cache):
     # the collapse at check 2 restores set 1 (targets included) and scales the lr of the data and of
     # the factors by `backoff`: every part of iteration 3's step from set 1 halves
