@@ -515,7 +515,7 @@ def dry_run(run: RunConfig, log: Callable = print) -> list[Cell]:
         state, rec = lookup(c, key_id, run)
         r = rows.setdefault((c.method + c.variant, c.budget), [0, 0, 0, 0.0])
         r[("done", "extend", "run").index(state)] += 1
-        r[3] += {"done": 0.0, "extend": _extend_estimate(rec, c), "run": clock.estimate(*_clock_key(c))}[state]
+        r[3] += _extend_estimate(rec, c) if state == "extend" else clock.estimate(*_clock_key(c)) if state == "run" else 0.0
     log(f"{'method':24s} {'budget':>6s} {'done':>5s} {'extend':>6s} {'to run':>6s} {'estimate':>9s}")
     for (m, b), (done, extend, todo, secs) in rows.items():
         log(f"{m:24s} {'full' if b is None else b:>6} {done:5d} {extend:6d} {todo:6d} {duration(secs):>9s}")
