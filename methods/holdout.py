@@ -32,6 +32,18 @@ def holdout_images(n_images: int, budget: int, wanted: int) -> np.ndarray:
     return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n_images, size=n, replace=False))
 
 
+def replay(curve, patience: int) -> tuple[int, int]:
+    """(iteration stopped at, iteration kept) of a run with held-out ``curve`` [(iteration, score)]
+    under ``patience`` (0: the whole run): what ``HeldOut`` would have done, read off a stored cell."""
+    best, kept = -np.inf, curve[0][0]
+    for k, (it, score) in enumerate(curve):
+        if score > best:
+            best, kept = score, it
+        elif patience > 0 and sum(i > kept for i, _ in curve[:k + 1]) >= patience:
+            return it, kept
+    return curve[-1][0], kept
+
+
 class HeldOut:
     """The held-out images of one distillation and the checks on them.
 

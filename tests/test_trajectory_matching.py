@@ -14,7 +14,7 @@ from bench.protocol.training import PairSet
 from methods.tm.experts import ExpertBuffer, ExpertConfig, expert_student, flatten, trainable
 from methods import METHODS, MethodContext
 from methods.base import method_config
-from methods.holdout import CHECK_SEED, holdout_images
+from methods.holdout import CHECK_SEED, holdout_images, replay
 from methods.trajectory_matching import matching_loss
 
 TINY = ["--limit", "80,30", "--set", "recipe.epochs=4", "--set", "recipe.batch_size=16"]
@@ -246,6 +246,9 @@ def test_patience_stops_after_that_many_checks_without_a_better_score(tiny_proto
     p, _ = _scripted_checks(tiny_protocol, [10, 20, 15, 18, 12, 25, 11])
     four = build(name, p, cache, patience=4, **opts)
     assert four.info["kept_iteration"] == 5 and torch.equal(four.image, whole.image)
+    # replayed on the whole run's stored curve, the same stops and kept sets
+    curve = whole.info["holdout_curve"]
+    assert replay(curve, 3) == (4, 1) and replay(curve, 4) == (6, 5) == replay(curve, 0)
     with pytest.raises(BenchError, match="patience >= 0"):
         build(name, tiny_protocol, cache, patience=-1)
 
