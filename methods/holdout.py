@@ -32,6 +32,11 @@ def holdout_images(n_images: int, budget: int, wanted: int) -> np.ndarray:
     return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n_images, size=n, replace=False))
 
 
+def _stale(curve, kept: int, patience: int) -> bool:
+    """The patience rule: ``patience`` (> 0) checks of ``curve`` came after the kept one."""
+    return patience > 0 and sum(it > kept for it, _ in curve) >= patience
+
+
 def replay(curve, patience: int) -> tuple[int, int]:
     """(iteration stopped at, iteration kept) of a run with held-out ``curve`` [(iteration, score)]
     under ``patience`` (0: the whole run): what ``HeldOut`` would have done, read off a stored cell."""
@@ -39,7 +44,7 @@ def replay(curve, patience: int) -> tuple[int, int]:
     for k, (it, score) in enumerate(curve):
         if score > best:
             best, kept = score, it
-        elif patience > 0 and sum(i > kept for i, _ in curve[:k + 1]) >= patience:
+        elif _stale(curve[:k + 1], kept, patience):
             return it, kept
     return curve[-1][0], kept
 
@@ -80,7 +85,7 @@ class HeldOut:
 
     def stale(self) -> bool:
         """Whether the last ``patience`` checks (0: never) all came after the best one."""
-        return self.patience > 0 and sum(it > self.kept[1] for it, _ in self.curve) >= self.patience
+        return _stale(self.curve, self.kept[1], self.patience)
 
     def result(self, last_iteration: int, last_state) -> tuple:
         """(iteration, state) of the set to return: the best checked one, else the last."""
